@@ -1,0 +1,31 @@
+"""torchslim: make trained PyTorch models smaller and faster.
+
+Knowledge distillation and pruning, alone or chained, measured and exported::
+
+    import torchslim as ts
+    teacher = ts.models.create("fmnist_teacher")
+    student = ts.models.create("fmnist_student")
+    ts.distill(student, teacher, splits.train, ts.KDConfig(temperature=4.0, alpha=0.1), epochs=5)
+    ts.prune_(student, ts.MagnitudePruning(sparsity=0.9, scope="global"))
+    print(ts.profile(student, splits.test.x[:1]))
+    ts.save(student, "model.slim")
+"""
+
+from torchslim import data, distill as _distill_pkg, export, measure, models, pipeline, prune, train  # noqa: F401
+from torchslim.config import Config, config_from_dict
+from torchslim.distill import KDConfig, distill
+from torchslim.errors import ConfigError, DataError, ExportError, ModelError, TorchSlimError, TrainingError
+from torchslim.export import export_onnx, load, save
+from torchslim.measure import profile
+from torchslim.pipeline import Recipe, load_recipe, resume_run, run_recipe
+from torchslim.prune import MagnitudePruning, finalize_, prune_
+from torchslim.train import TrainConfig, evaluate, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "ConfigError", "DataError", "ExportError", "KDConfig", "MagnitudePruning", "ModelError", "Recipe",
+    "TorchSlimError", "TrainConfig", "TrainingError", "config_from_dict", "data", "distill", "evaluate",
+    "export", "export_onnx", "finalize_", "fit", "load", "load_recipe", "measure", "models", "pipeline",
+    "profile", "prune", "prune_", "resume_run", "run_recipe", "save", "train",
+]

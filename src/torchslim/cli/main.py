@@ -1,0 +1,126 @@
+"""The ``torchslim`` command: thin subcommands that parse, call the library and print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from torchslim.errors import TorchSlimError
+
+
+def shipped_recipe(name: str) -> Path:
+    """Path of a recipe shipped with torchslim (inside the wheel, or in a source checkout)."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "recipes" / name, here.parent.parent / "recipes" / name):
+        if candidate.is_file():
+            return candidate
+    raise TorchSlimError(f"shipped recipe {name!r} not found next to the torchslim package")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from torchslim.pipeline import resume_run, run_recipe
+
+    if args.resume:
+        if args.recipe or args.set:
+            raise TorchSlimError("--resume continues a run with its own recorded recipe; give no RECIPE or --set")
+        run_dir = resume_run(args.resume)
+    else:
+        if not args.recipe:
+            raise TorchSlimError("give a RECIPE file, or --resume RUN_DIR")
+        run_dir = run_recipe(args.recipe, out=args.out, overrides=args.set)
+    print(f"run folder: {run_dir}")
+    print((Path(run_dir) / "report.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from torchslim.pipeline import run_recipe
+
+    recipe = shipped_recipe("fashion_mnist.yaml")
+    print(f"running the shipped recipe {recipe}", file=sys.stderr)
+    run_dir = run_recipe(recipe, out=args.out, overrides=args.set)
+    print(f"run folder: {run_dir}")
+    print((Path(run_dir) / "report.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from torchslim.pipeline import load_recipe, recipe_to_yaml
+
+    recipe = load_recipe(args.recipe, args.set)
+    print(f"{args.recipe}: valid")
+    if args.show:
+        print(recipe_to_yaml(recipe))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    import torchslim.models as models
+
+    rows = []
+    for info in models.list_presets():
+        model = models.create(info.name)
+        rows.append((info.name, sum(p.numel() for p in model.parameters()), info.description))
+    width = max(len(r[0]) for r in rows)
+    for name, params, description in rows:
+        print(f"{name:<{width}}  {params:>10,} params  {description}")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from torchslim.measure import profile_file
+
+    print(profile_file(args.model, batch_sizes=tuple(args.batch_sizes), factory=args.factory))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchslim", description="Make PyTorch models smaller and faster: "
+                                     "knowledge distillation and pruning, measured and exported.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe (or --resume an interrupted run)")
+    run.add_argument("recipe", nargs="?", help="YAML recipe file")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe value")
+    run.add_argument("--out", help="run folder (default runs/<name>-<timestamp>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser("demo", help="the full pipeline on Fashion-MNIST (recipes/fashion_mnist.yaml)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe value")
+    demo.add_argument("--out", help="run folder (default runs/fashion_mnist-<timestamp>)")
+    demo.set_defaults(func=_cmd_demo)
+
+    validate = sub.add_parser("validate", help="check a recipe without running it")
+    validate.add_argument("recipe")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    validate.add_argument("--show", action="store_true", help="print the fully resolved recipe")
+    validate.set_defaults(func=_cmd_validate)
+
+    models = sub.add_parser("models", help="list the model presets")
+    models.set_defaults(func=_cmd_models)
+
+    prof = sub.add_parser("profile", help="params, nonzero, MACs, bytes and latency of a saved .slim model")
+    prof.add_argument("model", help=".slim file")
+    prof.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    prof.add_argument("--factory", help="trust the user model factory the file names (module:function)")
+    prof.set_defaults(func=_cmd_profile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``torchslim`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TorchSlimError as exc:
+        print(f"torchslim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("torchslim: interrupted; continue with 'torchslim run --resume RUN_DIR'", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

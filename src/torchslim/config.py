@@ -1,0 +1,80 @@
+"""Config objects: one frozen, validated pydantic model per method.
+
+Configs are validated at construction (a bad value fails there, with a message
+naming the field), serialize to a dict carrying their type name and version,
+and load back equal. Type names resolve only against torchslim's own config
+registry, never as arbitrary dotted paths.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any, ClassVar, TypeVar
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+from torchslim.errors import ConfigError
+
+_NESTING: contextvars.ContextVar[int] = contextvars.ContextVar("torchslim_config_nesting", default=0)
+_CONFIG_TYPES: dict[str, type["Config"]] = {}
+
+C = TypeVar("C", bound="Config")
+
+
+def format_validation_error(exc: pydantic.ValidationError, prefix: str = "") -> str:
+    """Turn a pydantic error into lines that each name the offending key path."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and its section)"
+        lines.append(f"{loc or '<root>'}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and "input" in err and not isinstance(err["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+class Config(BaseModel):
+    """Base of every torchslim config: frozen, unknown keys rejected, validated on construction."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _CONFIG_TYPES[cls.__name__] = cls
+
+    def __init__(self, **data: Any) -> None:
+        # Only the outermost construction turns pydantic's error into a ConfigError;
+        # nested configs re-raise pydantic's own error so key paths stay whole.
+        token = _NESTING.set(_NESTING.get() + 1)
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            if _NESTING.get() > 1:
+                raise
+            raise ConfigError(f"invalid {type(self).__name__}:\n{format_validation_error(exc)}") from None
+        finally:
+            _NESTING.reset(token)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialize with the config's type name and version, for recipes and run folders."""
+        return {"type": type(self).__name__, "version": self.version, **self.model_dump(mode="json")}
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config from :meth:`Config.to_dict` output; only torchslim's own types resolve."""
+    data = dict(data)
+    type_name = data.pop("type", None)
+    version = data.pop("version", None)
+    cls = _CONFIG_TYPES.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise ConfigError(f"unknown config type {type_name!r}; known: {', '.join(sorted(_CONFIG_TYPES))}")
+    if version is not None and version != cls.version:
+        raise ConfigError(f"{type_name} version {version} is not supported (this torchslim reads version {cls.version})")
+    return cls(**data)
+
+
+def registered_config_types() -> dict[str, type[Config]]:
+    """Every config class torchslim defines, by name (used by round-trip tests)."""
+    return dict(_CONFIG_TYPES)

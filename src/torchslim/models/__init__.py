@@ -1,0 +1,29 @@
+"""Model zoo presets and loading of user models.
+
+``create(name, **overrides)`` builds a preset; ``create_from_factory("pkg.mod:fn")``
+builds a user's model; both record a JSON-able spec on the model so it can be
+saved and rebuilt without pickle.
+"""
+
+from torchslim.models import zoo as _zoo  # noqa: F401  (registers the presets)
+from torchslim.models.registry import (
+    PresetInfo,
+    build_from_spec,
+    create,
+    create_from_factory,
+    get_spec,
+    import_factory,
+    list_presets,
+    register_preset,
+)
+
+__all__ = [
+    "PresetInfo",
+    "build_from_spec",
+    "create",
+    "create_from_factory",
+    "get_spec",
+    "import_factory",
+    "list_presets",
+    "register_preset",
+]

@@ -1,0 +1,257 @@
+"""The recipe schema: the library's configs, serialized as YAML.
+
+A recipe names the data, the teacher, the student and the stages to run
+(distill → prune → finetune → evaluate → export). Every section is a
+torchslim config; an unknown key, a wrong type or an out-of-range value is a
+:class:`~torchslim.errors.ConfigError` naming the key path. A user's model is
+named explicitly (``model: {factory: "mypkg.nets:build"}``) and is imported
+only because the recipe asks for it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import Field, model_validator
+
+from torchslim.config import _NESTING, Config, format_validation_error
+from torchslim.distill import KDConfig
+from torchslim.errors import ConfigError
+from torchslim.prune import MagnitudePruning
+from torchslim.train import TrainConfig
+
+
+class ModelRef(Config):
+    """Which model: a zoo preset or a user factory, its arguments, and optional weights.
+
+    Attributes:
+        preset: a name from ``torchslim models``.
+        factory: ``"package.module:function"`` returning an ``nn.Module`` (user code).
+        args: keyword arguments of the preset or factory.
+        weights: a ``.slim`` file (or a plain ``.safetensors`` state dict) to load;
+            relative paths are resolved against the recipe's folder.
+    """
+
+    preset: str | None = None
+    factory: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelRef":
+        if (self.preset is None) == (self.factory is None):
+            raise ValueError("set exactly one of 'preset' and 'factory'")
+        return self
+
+
+class DataSection(Config):
+    """The dataset and its splits.
+
+    Attributes:
+        dataset: ``fashion-mnist``, ``mnist``, ``digits`` (offline, from scikit-learn) or ``synthetic``.
+        root: a folder holding the IDX files (tried first).
+        val_size: validation samples carved from the training set (a count, or a fraction < 1).
+        train_limit: keep only this many training samples, for quick runs.
+        test_limit: keep only this many test samples, for quick runs.
+        download: allow downloading from the official mirror when no local copy exists.
+    """
+
+    dataset: Literal["fashion-mnist", "mnist", "digits", "synthetic"] = "fashion-mnist"
+    root: str | None = None
+    val_size: float = Field(5000, ge=0)
+    train_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+    download: bool = True
+
+
+class TeacherStage(Config):
+    """The teacher: loaded from ``model.weights``, or trained with ``train``."""
+
+    model: ModelRef
+    train: TrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _weights_or_train(self) -> "TeacherStage":
+        if self.model.weights is None and self.train is None:
+            raise ValueError("the teacher needs 'model.weights' to load or a 'train' section to train it")
+        return self
+
+
+class StudentStage(Config):
+    """The student architecture, and optionally a baseline trained alone for comparison."""
+
+    model: ModelRef
+    baseline: TrainConfig | None = None
+
+
+class DistillStage(Config):
+    """Distill the teacher into the student."""
+
+    kd: KDConfig = Field(default_factory=KDConfig)
+    train: TrainConfig
+
+
+class PruneStage(MagnitudePruning):
+    """Unstructured magnitude pruning of the model produced so far (masks)."""
+
+    method: Literal["magnitude"] = "magnitude"
+
+    def pruning_config(self) -> MagnitudePruning:
+        """The library config this stage applies."""
+        return MagnitudePruning(**self.model_dump(exclude={"method"}))
+
+
+class FinetuneStage(Config):
+    """Fine-tune the pruned model (masks stay fixed).
+
+    Attributes:
+        train: optimizer, schedule and epochs.
+        distill_from: ``unpruned`` (the model before pruning, as teacher), ``teacher``
+            (the recipe's teacher) or ``none`` (labels only).
+        kd: temperature and alpha when distilling.
+    """
+
+    train: TrainConfig
+    distill_from: Literal["none", "teacher", "unpruned"] = "unpruned"
+    kd: KDConfig = Field(default_factory=KDConfig)
+
+
+class EvaluateStage(Config):
+    """What to measure for every model in the report."""
+
+    latency: bool = True
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 256], min_length=1)
+
+
+class ExportStage(Config):
+    """Export of the final model."""
+
+    onnx: bool = True
+    onnx_atol: float = Field(1e-4, gt=0.0)
+
+
+class Recipe(Config):
+    """A whole compression run.
+
+    Attributes:
+        name: used in the run folder's name.
+        seed: fixes model initialisation, batch order and dropout.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast for training.
+        threads: torch CPU threads (default: torch's own choice).
+        data: the dataset.
+        teacher, student, distill, prune, finetune: the stages; leave one out to skip it.
+        evaluate, export: measurement and export of the results.
+    """
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    threads: int | None = Field(None, ge=1)
+    data: DataSection = Field(default_factory=DataSection)
+    teacher: TeacherStage | None = None
+    student: StudentStage | None = None
+    distill: DistillStage | None = None
+    prune: PruneStage | None = None
+    finetune: FinetuneStage | None = None
+    evaluate: EvaluateStage = Field(default_factory=EvaluateStage)
+    export: ExportStage = Field(default_factory=ExportStage)
+
+    @model_validator(mode="after")
+    def _stages_fit_together(self) -> "Recipe":
+        if self.teacher is None and self.student is None:
+            raise ValueError("a recipe needs a 'teacher' or a 'student' section")
+        if self.distill is not None and (self.teacher is None or self.student is None):
+            raise ValueError("'distill' needs both a 'teacher' and a 'student' section")
+        if self.finetune is not None and self.prune is None:
+            raise ValueError("'finetune' fine-tunes a pruned model: add a 'prune' section")
+        if self.finetune is not None and self.finetune.distill_from == "teacher" and self.teacher is None:
+            raise ValueError("finetune.distill_from is 'teacher' but the recipe has no 'teacher' section")
+        return self
+
+
+def _set_path(doc: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = doc
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(keys[:i + 1])}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a recipe document."""
+    doc = copy.deepcopy(doc)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+        _set_path(doc, key.strip(), value)
+    return doc
+
+
+def parse_recipe(doc: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe document (a dict from YAML) into a :class:`Recipe`.
+
+    Relative weight paths are made absolute against ``base_dir`` so the resolved
+    recipe written into a run folder stays valid from anywhere.
+    """
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {type(doc).__name__}")
+    try:
+        # model_validate goes through Config.__init__; mark it as nested so pydantic's
+        # error (with full key paths) reaches us here.
+        token = _NESTING.set(1)
+        try:
+            recipe = Recipe.model_validate(doc)
+        finally:
+            _NESTING.reset(token)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"{source}: invalid recipe:\n{format_validation_error(exc)}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: invalid recipe: {exc}") from None
+    if base_dir is not None:
+        updates = {}
+        for section in ("teacher", "student"):
+            stage = getattr(recipe, section)
+            if stage is not None and stage.model.weights and not Path(stage.model.weights).is_absolute():
+                weights = str((base_dir / stage.model.weights).resolve())
+                model = stage.model.model_copy(update={"weights": weights})
+                updates[section] = stage.model_copy(update={"model": model})
+        if updates:
+            recipe = recipe.model_copy(update=updates)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a YAML recipe file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        doc = apply_overrides(doc if isinstance(doc, dict) else {}, overrides)
+    return parse_recipe(doc, str(path), path.parent)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (every default written out) as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,66 @@
+"""Picking layers by type and by name or regex.
+
+A pattern is either an exact module name (``"classifier.0"``) or a regular
+expression prefixed with ``re:`` (``"re:features\\..*"``), matched against the
+whole name. Precedence: a layer is selected when its type is one of
+``layer_types``, it matches at least one ``include`` pattern (or ``include``
+is empty), and it matches no ``exclude`` pattern. Exclusion always wins.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch.nn as nn
+
+from torchslim.errors import ConfigError
+
+LAYER_TYPES: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+}
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """True when ``name`` equals ``pattern``, or fully matches it for a ``re:`` pattern."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern
+
+
+def check_pattern(pattern: str) -> str:
+    """Validate a pattern (a bad regex is a config error), returning it unchanged."""
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ConfigError(f"bad regular expression in layer pattern {pattern!r}: {exc}") from None
+    return pattern
+
+
+def select_layers(
+    model: nn.Module,
+    layer_types: Iterable[str] = ("Linear", "Conv2d"),
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs chosen by type, include and exclude patterns, in model order."""
+    types = []
+    for t in layer_types:
+        if t not in LAYER_TYPES:
+            raise ConfigError(f"unknown layer type {t!r}; known: {', '.join(LAYER_TYPES)}")
+        types.append(LAYER_TYPES[t])
+    include, exclude = list(include), list(exclude)
+    chosen = []
+    for name, module in model.named_modules():
+        if not isinstance(module, tuple(types)):
+            continue
+        if include and not any(name_matches(name, p) for p in include):
+            continue
+        if any(name_matches(name, p) for p in exclude):
+            continue
+        chosen.append((name, module))
+    return chosen

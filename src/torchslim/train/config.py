@@ -1,0 +1,49 @@
+"""The training config every stage shares (teacher, student, distillation, fine-tuning)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from torchslim.config import Config
+
+
+class TrainConfig(Config):
+    """How to train: epochs, batches, optimizer and learning-rate schedule.
+
+    Attributes:
+        epochs: passes over the training set (0 skips training).
+        batch_size: samples per optimizer step (per process under DDP).
+        optimizer: ``sgd`` (with ``momentum``/``nesterov``), ``adam`` or ``adamw``.
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        nesterov: use Nesterov momentum with SGD.
+        weight_decay: L2 penalty (decoupled for ``adamw``).
+        schedule: ``constant``, ``cosine`` (to zero over all steps), ``step`` (multiply by
+            ``gamma`` every ``step_epochs``) or ``onecycle``. Every schedule advances per step.
+        step_epochs: epochs between decays for the ``step`` schedule.
+        gamma: decay factor for the ``step`` schedule.
+        label_smoothing: cross-entropy label smoothing for the task loss.
+        grad_clip: clip the global gradient norm to this value (None: no clipping).
+        eval_batch_size: batch size for evaluation passes.
+
+    Example:
+        >>> import torchslim as ts
+        >>> ts.TrainConfig(epochs=2, lr=0.01, schedule="cosine").epochs
+        2
+    """
+
+    epochs: int = Field(1, ge=0)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["constant", "cosine", "step", "onecycle"] = "cosine"
+    step_epochs: int = Field(1, ge=1)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    eval_batch_size: int = Field(1024, ge=1)

@@ -1,0 +1,293 @@
+"""The one training loop every stage uses, and evaluation.
+
+``fit`` trains a model on in-memory tensors with an *objective* (plain
+cross-entropy, or a distillation loss) and returns one record per epoch.
+It checkpoints atomically after every epoch and resumes from a checkpoint to
+the same result as an uninterrupted run: the batch order of an epoch depends
+only on ``(seed, epoch)``, and the RNG state (dropout) is saved with the model,
+optimizer and schedule. The same code runs single-process and under
+DistributedDataParallel (each rank takes a strided share of every epoch's
+permutation; metrics are summed across ranks; only rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from torchslim.errors import ConfigError, TrainingError
+from torchslim.train.checkpoint import load_checkpoint, model_signature, save_checkpoint
+from torchslim.train.config import TrainConfig
+
+
+class TensorSplit(Protocol):
+    """Anything holding in-memory inputs ``x`` and integer labels ``y``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+class Objective(Protocol):
+    """Computes a batch's logits and loss parts; ``parts["loss"]`` is what is minimised."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class CrossEntropyObjective:
+    """Plain supervised training: cross-entropy against the labels."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(x)
+        return logits, {"loss": F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)}
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in a (possibly single-process) job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files (rank 0)."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "DistContext":
+        """Read torchrun's environment; a plain ``python`` run is rank 0 of 1."""
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            return cls(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return cls()
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch, a function of ``(seed, epoch)`` only (resume-safe)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def build_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-step learning-rate schedule over ``config.epochs`` epochs."""
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_epochs * steps_per_epoch, gamma=config.gamma)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorSplit, *, batch_size: int = 1024, device: str | torch.device = "cpu",
+             dist: DistContext | None = None) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on ``data`` (eval mode, restored afterwards)."""
+    dist = dist or DistContext()
+    was_training = model.training
+    model.eval()
+    n = len(data.y)
+    idx = torch.arange(dist.rank, n, dist.world_size)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(idx), batch_size):
+        b = idx[start:start + batch_size]
+        x, y = data.x[b].to(device, non_blocking=True), data.y[b].to(device, non_blocking=True)
+        logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    totals = torch.stack([loss_sum, correct, torch.tensor(float(len(idx)), dtype=torch.float64, device=device)])
+    if dist.world_size > 1:
+        torch_dist.all_reduce(totals)
+    model.train(was_training)
+    count = max(totals[2].item(), 1.0)
+    return {"loss": totals[0].item() / count, "accuracy": totals[1].item() / count}
+
+
+def _check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"{stage}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}. "
+            "Lower the learning rate, enable grad_clip, or check the data and model for NaN/Inf values."
+        )
+
+
+def fit(
+    model: nn.Module,
+    train: TensorSplit,
+    config: TrainConfig,
+    *,
+    val: TensorSplit | None = None,
+    objective: Objective | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    checkpoint_path: str | os.PathLike | None = None,
+    stage: str = "train",
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    on_step_end: Callable[[int], None] | None = None,
+    progress: bool | None = None,
+    dist: DistContext | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` in place and return one metrics record per epoch.
+
+    Args:
+        model: the model to train (already on ``device``).
+        train: training split (``x``, ``y`` tensors, kept in memory).
+        config: optimizer, schedule, epochs and batch size.
+        val: split evaluated after every epoch (optional).
+        objective: computes logits and loss parts; default cross-entropy.
+        seed: fixes batch order and dropout; the same seed gives the same result on CPU.
+        device: ``"cpu"`` or ``"cuda"``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 uses a grad scaler).
+        checkpoint_path: written atomically after every epoch; if it exists, training resumes from it.
+        stage: name used in records, progress bars and error messages.
+        on_epoch_end: called with each epoch's record (after the checkpoint is written).
+        on_step_end: called with the global step number after each optimizer step
+            (gradual pruning uses it to update masks without rebuilding the optimizer).
+        progress: show a progress bar (default: only on an interactive terminal).
+        dist: rank and world size; default read from ``torch.distributed``.
+
+    Returns:
+        One dict per epoch trained in this call *and* before it (when resumed):
+        ``epoch``, ``lr``, ``train_loss``, ``train_accuracy``, the objective's other loss
+        parts averaged, ``val_loss``/``val_accuracy`` when ``val`` is given, ``seconds``,
+        ``samples_per_second``.
+
+    Raises:
+        TrainingError: a NaN/Inf loss (naming the epoch and step), or a checkpoint
+            written for another model.
+    """
+    dist = dist or DistContext.from_env()
+    objective = objective or CrossEntropyObjective(config.label_smoothing)
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    device = torch.device(device)
+    n = len(train.y)
+    if n == 0:
+        raise ConfigError(f"{stage}: the training set is empty")
+    per_rank = math.ceil(n / dist.world_size)
+    steps_per_epoch = math.ceil(per_rank / config.batch_size)
+
+    train_model: nn.Module = model
+    if dist.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    torch.manual_seed(seed)
+    if checkpoint_path is not None and os.path.exists(checkpoint_path):
+        state = load_checkpoint(checkpoint_path, model)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        start_epoch = int(state["epoch"])
+        history = list(state["history"])
+
+    show = progress if progress is not None else (dist.is_main and sys.stderr.isatty())
+    for epoch in range(start_epoch, config.epochs):
+        train_model.train()
+        started = time.perf_counter()
+        order = epoch_permutation(n, seed, epoch)[dist.rank::dist.world_size]
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=device)
+        seen = 0
+        bar = tqdm(total=steps_per_epoch, desc=f"{stage} {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not show, mininterval=0.5, file=sys.stderr)
+        for step in range(steps_per_epoch):
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            x = train.x[idx].to(device, non_blocking=True)
+            y = train.y[idx].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits, parts = objective(train_model, x, y)
+            loss = parts["loss"]
+            _check_finite(loss, stage, epoch, step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if on_step_end is not None:
+                on_step_end(epoch * steps_per_epoch + step + 1)
+
+            # Sums stay tensors: no host sync per step, only at the end of the epoch.
+            batch = len(y)
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float() * batch
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += batch
+            if show and step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{correct.item() / seen:.3f}")
+            bar.update(1)
+        bar.close()
+
+        totals = torch.stack([*(sums[k] for k in sorted(sums)), correct.float(), torch.tensor(float(seen), device=device)])
+        if dist.world_size > 1:
+            torch_dist.all_reduce(totals)
+        count = totals[-1].item()
+        record: dict[str, Any] = {"stage": stage, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        for i, key in enumerate(sorted(sums)):
+            record["train_loss" if key == "loss" else f"train_{key}"] = totals[i].item() / count
+        record["train_accuracy"] = totals[-2].item() / count
+        if val is not None:
+            metrics = evaluate(model, val, batch_size=config.eval_batch_size, device=device, dist=dist)
+            record["val_loss"], record["val_accuracy"] = metrics["loss"], metrics["accuracy"]
+        seconds = time.perf_counter() - started
+        record["seconds"] = seconds
+        record["samples_per_second"] = count / seconds
+        history.append(record)
+
+        if checkpoint_path is not None and dist.is_main:
+            state = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history,
+                "signature": model_signature(model),
+            }
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            save_checkpoint(checkpoint_path, state)
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+        if not show and dist.is_main and progress is not False:
+            val_text = f" val_acc {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+            print(f"[{stage}] epoch {epoch + 1}/{config.epochs} loss {record['train_loss']:.4f} "
+                  f"acc {record['train_accuracy']:.4f}{val_text} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+    return history
