@@ -54,7 +54,7 @@ class DataSection(Config):
     Attributes:
         dataset: ``fashion-mnist``, ``mnist``, ``digits`` (offline, from scikit-learn) or ``synthetic``.
         root: a folder holding the IDX files (tried first).
-        val_size: validation samples carved from the training set (a count, or a fraction < 1).
+        val_size: validation samples carved from the training set: a fraction when < 1 (default 0.1), else a count.
         train_limit: keep only this many training samples, for quick runs.
         test_limit: keep only this many test samples, for quick runs.
         download: allow downloading from the official mirror when no local copy exists.
@@ -62,7 +62,7 @@ class DataSection(Config):
 
     dataset: Literal["fashion-mnist", "mnist", "digits", "synthetic"] = "fashion-mnist"
     root: str | None = None
-    val_size: float = Field(5000, ge=0)
+    val_size: float = Field(0.1, ge=0)
     train_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
     download: bool = True

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny seeded models and in-memory data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def make_blobs(n: int = 256, classes: int = 4, shape=(1, 8, 8), seed: int = 0) -> Split:
+    """Learnable toy data: one random prototype per class plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(classes, *shape, generator=g)
+    y = torch.arange(n) % classes
+    x = protos[y] + 0.5 * torch.randn(n, *shape, generator=g)
+    return Split(x, y)
+
+
+@pytest.fixture
+def blobs() -> Split:
+    return make_blobs()
+
+
+@pytest.fixture
+def tiny_cnn() -> torch.nn.Module:
+    import torchslim.models as models
+
+    torch.manual_seed(0)
+    return models.create("fmnist_student", input_size=8, num_classes=4, width=4, fc=8)
+
+
+@pytest.fixture
+def tiny_mlp() -> torch.nn.Module:
+    import torchslim.models as models
+
+    torch.manual_seed(0)
+    return models.create("lenet300_100", input_size=8, num_classes=4, hidden1=16, hidden2=8)

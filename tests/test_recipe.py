@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from torchslim.config import Config, config_from_dict, registered_config_types
+from torchslim.errors import ConfigError
+from torchslim.pipeline import apply_overrides, load_recipe, parse_recipe, recipe_to_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = {"student": {"model": {"preset": "lenet5"}}}
+
+
+def _instance(cls: type[Config]) -> Config:
+    """A valid instance of each config type, for the round-trip test."""
+    required = {
+        "MagnitudePruning": {"sparsity": 0.5},
+        "PruneStage": {"sparsity": 0.5},
+        "ModelRef": {"preset": "lenet5"},
+        "TeacherStage": {"model": {"preset": "lenet5", "weights": "w.slim"}},
+        "StudentStage": {"model": {"preset": "lenet5"}},
+        "DistillStage": {"train": {"epochs": 2}},
+        "FinetuneStage": {"train": {"epochs": 1}},
+        "Recipe": MINIMAL,
+    }
+    return cls.model_validate(required.get(cls.__name__, {}))
+
+
+@pytest.mark.parametrize("name", sorted(registered_config_types()))
+def test_every_config_round_trips_through_its_dict(name):
+    cfg = _instance(registered_config_types()[name])
+    data = cfg.to_dict()
+    assert data["type"] == name and data["version"] == 1
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(data))) == cfg
+
+
+def test_config_types_resolve_only_against_torchslim():
+    with pytest.raises(ConfigError, match="unknown config type"):
+        config_from_dict({"type": "os.system", "command": "true"})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_valid(path):
+    recipe = load_recipe(path)
+    assert parse_recipe(yaml.safe_load(recipe_to_yaml(recipe))) == recipe
+
+
+@pytest.mark.parametrize("doc,message", [
+    ({**MINIMAL, "bogus": 1}, r"bogus: unknown key"),
+    ({"student": {"model": {"preset": "lenet5", "wieghts": "x"}}}, r"student\.model\.wieghts: unknown key"),
+    ({**MINIMAL, "seed": "zero"}, r"seed: Input should be a valid integer"),
+    ({**MINIMAL, "prune": {"sparsity": 1.2}}, r"prune\.sparsity: Input should be less than 1"),
+    ({**MINIMAL, "data": {"dataset": "imagenet"}}, r"data\.dataset: Input should be"),
+    ({**MINIMAL, "distill": {"train": {"epochs": 1}}}, r"'distill' needs both"),
+    ({**MINIMAL, "prune": {"sparsity": 0.5}, "finetune": {"train": {"epochs": -1}}}, r"finetune\.train\.epochs"),
+    ({"student": {"model": {"preset": "a", "factory": "b:c"}}}, r"exactly one of 'preset' and 'factory'"),
+    ([1, 2], r"must be a YAML mapping"),
+])
+def test_recipe_errors_name_the_key(doc, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_recipe(doc)
+
+
+def test_overrides_set_nested_values_and_are_validated():
+    doc = apply_overrides(MINIMAL, ["prune.sparsity=0.8", "seed=3", "student.baseline.epochs=2"])
+    recipe = parse_recipe(doc)
+    assert recipe.prune.sparsity == 0.8 and recipe.seed == 3 and recipe.student.baseline.epochs == 2
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides(MINIMAL, ["seed"])
+    with pytest.raises(ConfigError, match="prune.sprasity: unknown key"):
+        parse_recipe(apply_overrides(MINIMAL, ["prune.sparsity=0.5", "prune.sprasity=0.5"]))
+
+
+def test_relative_weights_resolve_against_the_recipe_folder(tmp_path):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"teacher": {"model": {"preset": "lenet5", "weights": "w/t.slim"}}}))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert recipe.teacher.model.weights == str(tmp_path / "w" / "t.slim")
+
+
+def test_unreadable_or_malformed_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
