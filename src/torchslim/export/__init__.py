@@ -1,0 +1,20 @@
+"""Saving, loading and exporting models.
+
+* :func:`save` / :func:`load` / :func:`read_metadata`: the ``.slim`` file, one
+  safetensors file with the architecture spec as JSON; masks kept, sparse
+  tensors stored sparsely, never pickled (see :mod:`torchslim.export.slim`).
+* :func:`export_onnx`: ONNX with a dynamic batch and an onnxruntime parity check
+  (needs ``pip install torchslim[onnx]``).
+
+Example:
+    >>> import torch, torchslim as ts
+    >>> model = ts.models.create("fmnist_student", width=4, fc=8)
+    >>> ts.export.save(model, "/tmp/student.slim")
+    PosixPath('/tmp/student.slim')
+    >>> same = ts.export.load("/tmp/student.slim")
+"""
+
+from torchslim.export.onnx_export import export_onnx
+from torchslim.export.slim import FORMAT, VERSION, effective_state, load, read_metadata, save
+
+__all__ = ["FORMAT", "VERSION", "effective_state", "export_onnx", "load", "read_metadata", "save"]
