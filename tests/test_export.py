@@ -14,7 +14,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import torchslim.export._atomic as atomic
+import torchslim.atomic as atomic
 from torchslim.errors import ExportError
 from torchslim.export import export_onnx, load, read_metadata, save
 from torchslim.models import create, create_from_factory, get_spec

@@ -122,3 +122,32 @@ def test_pruning_config_errors_name_the_field(kwargs, match):
 def test_no_matching_layer_is_an_error(tiny_cnn):
     with pytest.raises(ConfigError, match="no layer matched"):
         prune_(tiny_cnn, MagnitudePruning(sparsity=0.5, include=["nothing"]))
+
+
+def test_agp_schedule_matches_the_formula_at_its_ends_and_midpoint():
+    from torchslim.prune import AGPSchedule
+
+    s = AGPSchedule(initial_sparsity=0.1, final_sparsity=0.9, start_step=100, end_step=300, frequency=20)
+    assert s.sparsity_at(0) == 0.1 and s.sparsity_at(100) == 0.1
+    assert s.sparsity_at(200) == pytest.approx(0.9 + (0.1 - 0.9) * (1 - 0.5) ** 3)
+    assert s.sparsity_at(300) == 0.9 and s.sparsity_at(10_000) == 0.9
+    assert [t for t in range(0, 400) if s.is_update_step(t)] == list(range(100, 301, 20))
+    with pytest.raises(ConfigError, match="end_step"):
+        AGPSchedule(final_sparsity=0.5, start_step=10, end_step=5)
+
+
+def test_gradual_pruning_during_fit_reaches_the_target_without_rebuilding_the_optimizer(tiny_mlp, blobs):
+    from torchslim.prune import AGPSchedule, gradual_pruning_hook
+    from torchslim.train import TrainConfig, fit
+
+    prune_(tiny_mlp, MagnitudePruning(sparsity=0.0))
+    seen = []
+
+    def hook(step, inner=gradual_pruning_hook(tiny_mlp, MagnitudePruning(sparsity=0.9),
+                                              AGPSchedule(final_sparsity=0.9, end_step=12, frequency=3))):
+        inner(step)
+        seen.append(global_sparsity(tiny_mlp))
+
+    fit(tiny_mlp, blobs, TrainConfig(epochs=2, batch_size=32), on_step_end=hook, progress=False)
+    assert seen[0] < seen[5] < seen[11]
+    assert seen[11] == pytest.approx(0.9, abs=1e-3) and seen[-1] == pytest.approx(0.9, abs=1e-3)

@@ -22,6 +22,7 @@ def _instance(cls: type[Config]) -> Config:
         "DistillStage": {"train": {"epochs": 2}},
         "FinetuneStage": {"train": {"epochs": 1}},
         "Recipe": MINIMAL,
+        "AGPSchedule": {"final_sparsity": 0.9, "end_step": 100},
     }
     return cls.model_validate(required.get(cls.__name__, {}))
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from torchslim.errors import ExportError
-from torchslim.export._atomic import atomic_path
+from torchslim.atomic import atomic_path
 from torchslim.prune.masks import finalize_
 
 _INSTALL_HINT = "ONNX export needs onnx and onnxruntime: pip install torchslim[onnx]"

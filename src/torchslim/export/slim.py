@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from torchslim.errors import ExportError, TorchSlimError
-from torchslim.export._atomic import atomic_write_bytes
+from torchslim.atomic import atomic_write_bytes
 from torchslim.models import build_from_spec, get_spec
 from torchslim.models.registry import SPEC_ATTR
 from torchslim.prune.masks import apply_mask_, is_masked

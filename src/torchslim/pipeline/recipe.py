@@ -96,13 +96,31 @@ class DistillStage(Config):
 
 
 class PruneStage(MagnitudePruning):
-    """Unstructured magnitude pruning of the model produced so far (masks)."""
+    """Unstructured magnitude pruning of the model produced so far (masks).
+
+    Attributes:
+        method: the importance criterion (``magnitude``).
+        schedule: ``oneshot`` prunes once before fine-tuning; ``gradual`` ramps the
+            sparsity during fine-tuning along Zhu & Gupta's AGP schedule.
+        gradual_end: with ``gradual``, the fraction of the fine-tuning steps by which
+            the final sparsity is reached (the rest fine-tunes at that sparsity).
+        gradual_frequency: with ``gradual``, optimizer steps between mask updates.
+    """
 
     method: Literal["magnitude"] = "magnitude"
+    schedule: Literal["oneshot", "gradual"] = "oneshot"
+    gradual_end: float = Field(0.5, gt=0.0, le=1.0)
+    gradual_frequency: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _gradual_needs_sparsity(self) -> "PruneStage":
+        if self.schedule == "gradual" and self.sparsity is None:
+            raise ValueError("schedule 'gradual' needs a target 'sparsity' (not a threshold)")
+        return self
 
     def pruning_config(self) -> MagnitudePruning:
         """The library config this stage applies."""
-        return MagnitudePruning(**self.model_dump(exclude={"method"}))
+        return MagnitudePruning(**self.model_dump(exclude={"method", "schedule", "gradual_end", "gradual_frequency"}))
 
 
 class FinetuneStage(Config):
@@ -121,10 +139,17 @@ class FinetuneStage(Config):
 
 
 class EvaluateStage(Config):
-    """What to measure for every model in the report."""
+    """What to measure for every model in the report.
+
+    Attributes:
+        latency: measure CPU latency (median of repeated forward passes after warm-up).
+        latency_batch_sizes: batch sizes to time.
+        latency_budget_s: seconds of timed passes per measurement (more is steadier).
+    """
 
     latency: bool = True
     latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 256], min_length=1)
+    latency_budget_s: float = Field(1.0, gt=0.0, le=60.0)
 
 
 class ExportStage(Config):
@@ -168,6 +193,8 @@ class Recipe(Config):
             raise ValueError("a recipe needs a 'teacher' or a 'student' section")
         if self.distill is not None and (self.teacher is None or self.student is None):
             raise ValueError("'distill' needs both a 'teacher' and a 'student' section")
+        if self.prune is not None and self.prune.schedule == "gradual" and self.finetune is None:
+            raise ValueError("prune.schedule 'gradual' prunes during fine-tuning: add a 'finetune' section")
         if self.finetune is not None and self.prune is None:
             raise ValueError("'finetune' fine-tunes a pruned model: add a 'prune' section")
         if self.finetune is not None and self.finetune.distill_from == "teacher" and self.teacher is None:

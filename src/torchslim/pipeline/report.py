@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from torchslim.pipeline.recipe import Recipe  # noqa: E402
 from torchslim.pipeline.rundir import RunDir  # noqa: E402
-from torchslim.train.checkpoint import atomic_write_text, atomic_write_with  # noqa: E402
+from torchslim.atomic import atomic_write_text, atomic_write_with  # noqa: E402
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -71,8 +71,10 @@ def write_report(run: RunDir, recipe: Recipe, summary: dict[str, Any], metrics: 
         p = summary["pruning"]
         cfg = p["config"]
         target = f"sparsity {cfg['sparsity']}" if cfg.get("sparsity") is not None else f"threshold {cfg['threshold']}"
+        schedule = ("one-shot, then fine-tuned" if p.get("schedule", "oneshot") == "oneshot"
+                    else "gradual (AGP, Zhu & Gupta) during fine-tuning")
         out += ["## Pruning", "",
-                f"Magnitude pruning, {cfg['scope']} scope, {target}, layer types {', '.join(cfg['layer_types'])}"
+                f"Magnitude pruning, {schedule}, {cfg['scope']} scope, {target}, layer types {', '.join(cfg['layer_types'])}"
                 + (f", excluded {', '.join(cfg['exclude'])}" if cfg["exclude"] else "")
                 + (f", only {', '.join(cfg['include'])}" if cfg["include"] else "")
                 + f". Reached {100 * p['global_sparsity']:.2f}% sparsity over the pruned layers.", ""]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from torchslim.errors import ConfigError
-from torchslim.train.checkpoint import atomic_write_text
+from torchslim.atomic import atomic_write_text
 
 
 class RunDir:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,16 @@ from torchslim.errors import ConfigError, ModelError
 from torchslim.pipeline.recipe import ModelRef, Recipe, load_recipe, recipe_to_yaml
 from torchslim.pipeline.report import write_plots, write_report
 from torchslim.pipeline.rundir import RunDir
-from torchslim.prune import finalize_, global_sparsity, layer_sparsity, masked_layers, prune_
+from torchslim.prune import (
+    AGPSchedule,
+    MagnitudePruning,
+    finalize_,
+    global_sparsity,
+    gradual_pruning_hook,
+    layer_sparsity,
+    masked_layers,
+    prune_,
+)
 from torchslim.train import atomic_write_text, DistContext, Objective, TrainConfig, evaluate, fit
 
 # Row order and labels of the report's table.
@@ -118,7 +128,8 @@ class Runner:
     def _done(self, stage: str) -> bool:
         return self.run.model(stage).is_file()
 
-    def _fit(self, model: nn.Module, stage: str, config: TrainConfig, objective: Objective | None, seed: int) -> None:
+    def _fit(self, model: nn.Module, stage: str, config: TrainConfig, objective: Objective | None, seed: int,
+             on_step_end: Callable[[int], None] | None = None) -> None:
         def on_epoch_end(record: dict[str, Any]) -> None:
             self.metrics = [m for m in self.metrics
                             if not (m.get("stage") == stage and m.get("epoch", 0) >= record["epoch"])] + [record]
@@ -129,6 +140,7 @@ class Runner:
         history = fit(model, self.splits.train, config, val=self.splits.val, objective=objective, seed=seed,
                       device=self.device, precision=self.recipe.precision,
                       checkpoint_path=self.run.checkpoint(stage), stage=stage, on_epoch_end=on_epoch_end,
+                      on_step_end=on_step_end,
                       progress=self.progress, dist=self.dist)
         self.timings[stage] = time.perf_counter() - started
         # The checkpoint's history is the whole truth (it survives a kill between
@@ -192,7 +204,7 @@ class Runner:
             if recipe.distill is not None:
                 def make_distilled() -> nn.Module:
                     model = copy.deepcopy(student_init)
-                    objective = KDObjective(teacher, recipe.distill.kd, recipe.distill.train.label_smoothing)
+                    objective = KDObjective(teacher.eval(), recipe.distill.kd, recipe.distill.train.label_smoothing)
                     # Same seed as the baseline: same batches, so the comparison is fair.
                     self._fit(model, "distilled", recipe.distill.train, objective, recipe.seed + 2)
                     return model
@@ -201,16 +213,25 @@ class Runner:
 
         if recipe.prune is not None:
             unpruned = subject
+            p = recipe.prune
+            gradual = p.schedule == "gradual"
 
             def make_pruned() -> nn.Module:
                 model = copy.deepcopy(unpruned)
-                prune_(model, recipe.prune.pruning_config())
+                # A gradual schedule starts from all-ones masks and prunes while fine-tuning.
+                start = p.pruning_config()
+                if gradual:
+                    start = MagnitudePruning(**{**start.model_dump(), "sparsity": 0.0})
+                prune_(model, start)
                 return model
 
-            pruned = produced["pruned"] = self._stage("pruned", make_pruned)
-            sparsity = layer_sparsity(pruned, masked_layers(pruned))
-            self._record({"stage": "prune", "event": "pruned", "global_sparsity": global_sparsity(pruned, masked_layers(pruned)),
-                          "layers": {k: v["sparsity"] for k, v in sparsity.items()}})
+            pruned = self._stage("pruned", make_pruned)
+            if not gradual:
+                produced["pruned"] = pruned
+                sparsity = layer_sparsity(pruned, masked_layers(pruned))
+                self._record({"stage": "prune", "event": "pruned",
+                              "global_sparsity": global_sparsity(pruned, masked_layers(pruned)),
+                              "layers": {k: v["sparsity"] for k, v in sparsity.items()}})
             subject = pruned
             if recipe.finetune is not None:
                 f = recipe.finetune
@@ -220,8 +241,16 @@ class Runner:
                     objective = None
                     if f.distill_from != "none":
                         source = unpruned if f.distill_from == "unpruned" else teacher
-                        objective = KDObjective(copy.deepcopy(source), f.kd, f.train.label_smoothing)
-                    self._fit(model, "finetuned", f.train, objective, recipe.seed + 3)
+                        objective = KDObjective(copy.deepcopy(source).eval(), f.kd, f.train.label_smoothing)
+                    on_step_end = None
+                    if gradual:
+                        per_rank = math.ceil(len(self.splits.train.y) / self.dist.world_size)
+                        total = f.train.epochs * math.ceil(per_rank / f.train.batch_size)
+                        schedule = AGPSchedule(final_sparsity=p.sparsity, start_step=0,
+                                               end_step=max(1, round(p.gradual_end * total)),
+                                               frequency=p.gradual_frequency)
+                        on_step_end = gradual_pruning_hook(model, p.pruning_config(), schedule)
+                    self._fit(model, "finetuned", f.train, objective, recipe.seed + 3, on_step_end=on_step_end)
                     return model
 
                 subject = produced["finetuned"] = self._stage("finetuned", make_finetuned)
@@ -239,6 +268,7 @@ class Runner:
             pruned_model = produced["finetuned"] if "finetuned" in produced else produced["pruned"]
             summary["pruning"] = {
                 "config": recipe.prune.pruning_config().to_dict(),
+                "schedule": recipe.prune.schedule,
                 "global_sparsity": global_sparsity(pruned_model, masked_layers(pruned_model)),
                 "layers": layer_sparsity(pruned_model, masked_layers(pruned_model)),
             }
@@ -262,7 +292,8 @@ class Runner:
             accuracy = evaluate(model, self.splits.test, device=self.device)["accuracy"]
             cpu_model = copy.deepcopy(model).cpu()
             prof = ts_measure.profile(cpu_model, example, batch_sizes=tuple(cfg.latency_batch_sizes),
-                                      file_bytes=self.run.model(key).stat().st_size, latency=cfg.latency)
+                                      file_bytes=self.run.model(key).stat().st_size, latency=cfg.latency,
+                                      latency_budget_s=cfg.latency_budget_s)
             row = {"key": key, "model": label, "accuracy": accuracy, **prof.to_dict()}
             rows.append(row)
             self._record({"stage": "evaluate", **row})

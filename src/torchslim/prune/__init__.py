@@ -21,9 +21,12 @@ from torchslim.prune.masks import (
     layer_sparsity,
     masked_layers,
 )
+from torchslim.prune.schedule import AGPSchedule, gradual_pruning_hook
 from torchslim.prune.selection import name_matches, select_layers
 
 __all__ = [
+    "AGPSchedule",
+    "gradual_pruning_hook",
     "MagnitudePruning",
     "apply_mask_",
     "effective_weight",

@@ -136,6 +136,15 @@ def _check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int) -> None
         )
 
 
+def _raise_if_bad(first_bad: torch.Tensor, stage: str, epoch: int) -> None:
+    step = int(first_bad.item())
+    if step >= 0:
+        raise TrainingError(
+            f"{stage}: loss is NaN or Inf at epoch {epoch + 1}, step {step + 1}. "
+            "Lower the learning rate, enable grad_clip, or check the data and model for NaN/Inf values."
+        )
+
+
 def fit(
     model: nn.Module,
     train: TensorSplit,
@@ -225,6 +234,7 @@ def fit(
         order = epoch_permutation(n, seed, epoch)[dist.rank::dist.world_size]
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device)
+        first_bad = torch.tensor(-1, device=device)
         seen = 0
         bar = tqdm(total=steps_per_epoch, desc=f"{stage} {epoch + 1}/{config.epochs}", leave=False,
                    disable=not show, mininterval=0.5, file=sys.stderr)
@@ -235,7 +245,15 @@ def fit(
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits, parts = objective(train_model, x, y)
             loss = parts["loss"]
-            _check_finite(loss, stage, epoch, step)
+            if device.type == "cpu":
+                _check_finite(loss, stage, epoch, step)
+            else:
+                # On a GPU a per-step check would wait for the device every step; record
+                # the first bad step on the device and look at it every 50 steps instead.
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                        torch.tensor(step, device=device), first_bad)
+                if step % 50 == 49 or step == steps_per_epoch - 1:
+                    _raise_if_bad(first_bad, stage, epoch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip is not None:
