@@ -42,3 +42,10 @@ def tiny_mlp() -> torch.nn.Module:
 
     torch.manual_seed(0)
     return models.create("lenet300_100", input_size=8, num_classes=4, hidden1=16, hidden2=8)
+
+
+@pytest.fixture
+def hermetic_data_env(monkeypatch, tmp_path):
+    """Keep the user's $TORCHSLIM_DATA and ~/.cache out of a data test."""
+    monkeypatch.delenv("TORCHSLIM_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))

@@ -36,11 +36,7 @@ from torchslim.errors import DataError
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True)
-def _hermetic_env(monkeypatch, tmp_path):
-    """Keep the user's $TORCHSLIM_DATA and ~/.cache out of every test."""
-    monkeypatch.delenv("TORCHSLIM_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+pytestmark = pytest.mark.usefixtures("hermetic_data_env")
 
 
 def write_dataset(directory: Path, n_train=30, n_test=12, hw=(4, 4), seed=0,

@@ -32,10 +32,7 @@ from torchslim.errors import DataError
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True)
-def _hermetic_env(monkeypatch, tmp_path):
-    monkeypatch.delenv("TORCHSLIM_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+pytestmark = pytest.mark.usefixtures("hermetic_data_env")
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

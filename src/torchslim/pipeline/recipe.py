@@ -153,10 +153,18 @@ class EvaluateStage(Config):
 
 
 class ExportStage(Config):
-    """Export of the final model."""
+    """Export of the final model.
+
+    Attributes:
+        onnx: write ``model.onnx`` and check it against onnxruntime.
+        onnx_atol: largest accepted difference between onnxruntime and PyTorch outputs.
+        weights_dtype: storage type of the floating-point tensors in ``model.slim``;
+            ``float16`` halves the file (loading casts back with ``model.float()``).
+    """
 
     onnx: bool = True
     onnx_atol: float = Field(1e-4, gt=0.0)
+    weights_dtype: Literal["float32", "float16"] = "float32"
 
 
 class Recipe(Config):

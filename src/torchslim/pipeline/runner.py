@@ -46,7 +46,7 @@ MODEL_ROWS: dict[str, str] = {
     "teacher": "teacher",
     "student_alone": "student, trained alone",
     "distilled": "student, distilled",
-    "pruned": "pruned (before fine-tuning)",
+    "pruned": "pruned one-shot, not fine-tuned",
     "finetuned": "pruned + fine-tuned",
 }
 
@@ -100,7 +100,8 @@ class Runner:
         if not path.is_file():
             raise ConfigError(f"model weights file {path} does not exist")
         if path.suffix == ".slim":
-            model = ts_export.load(path, factory=ref.factory)
+            # Weights may be stored in float16 to halve the file; compute in float32.
+            model = ts_export.load(path, factory=ref.factory).float()
             spec = ts_models.get_spec(model) or {}
             wanted = ref.preset or ref.factory
             if spec.get("preset", spec.get("factory")) != wanted:
@@ -218,26 +219,27 @@ class Runner:
 
             def make_pruned() -> nn.Module:
                 model = copy.deepcopy(unpruned)
-                # A gradual schedule starts from all-ones masks and prunes while fine-tuning.
-                start = p.pruning_config()
-                if gradual:
-                    start = MagnitudePruning(**{**start.model_dump(), "sparsity": 0.0})
-                prune_(model, start)
+                prune_(model, p.pruning_config())
                 return model
 
-            pruned = self._stage("pruned", make_pruned)
-            if not gradual:
-                produced["pruned"] = pruned
-                sparsity = layer_sparsity(pruned, masked_layers(pruned))
-                self._record({"stage": "prune", "event": "pruned",
-                              "global_sparsity": global_sparsity(pruned, masked_layers(pruned)),
-                              "layers": {k: v["sparsity"] for k, v in sparsity.items()}})
+            # The "pruned" row is always the one-shot cut to the target, before any
+            # fine-tuning; with the gradual schedule fine-tuning starts from the unpruned
+            # model instead and reaches the target along the AGP ramp.
+            pruned = produced["pruned"] = self._stage("pruned", make_pruned)
+            sparsity = layer_sparsity(pruned, masked_layers(pruned))
+            self._record({"stage": "prune", "event": "pruned",
+                          "global_sparsity": global_sparsity(pruned, masked_layers(pruned)),
+                          "layers": {k: v["sparsity"] for k, v in sparsity.items()}})
             subject = pruned
             if recipe.finetune is not None:
                 f = recipe.finetune
 
                 def make_finetuned() -> nn.Module:
-                    model = copy.deepcopy(pruned)
+                    if gradual:
+                        model = copy.deepcopy(unpruned)
+                        prune_(model, MagnitudePruning(**{**p.pruning_config().model_dump(), "sparsity": 0.0}))
+                    else:
+                        model = copy.deepcopy(pruned)
                     objective = None
                     if f.distill_from != "none":
                         source = unpruned if f.distill_from == "unpruned" else teacher
@@ -306,8 +308,9 @@ class Runner:
         out: dict[str, Any] = {}
         if not self.dist.is_main:
             return out
-        ts_export.save(final, self.run.root / "model.slim", input_shape=list(self.splits.input_shape),
-                       metadata={"recipe": self.recipe.name})
+        stored = copy.deepcopy(final).half() if self.recipe.export.weights_dtype == "float16" else final
+        ts_export.save(stored, self.run.root / "model.slim", input_shape=list(self.splits.input_shape),
+                       metadata={"recipe": self.recipe.name, "weights_dtype": self.recipe.export.weights_dtype})
         out["model_slim_bytes"] = (self.run.root / "model.slim").stat().st_size
         if self.recipe.export.onnx:
             result = ts_export.export_onnx(final, self.splits.test.x[:8], self.run.root / "model.onnx",
