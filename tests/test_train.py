@@ -87,3 +87,49 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tiny_mlp, blobs, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Dropout(0.2), tiny_mlp)
+    straight = copy.deepcopy(model)
+    straight_history = fit(straight, blobs, CFG, seed=2, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_13(step):
+        if step == 13:  # 8 steps per epoch: global step 13 is epoch 2, step 5
+            raise Crash
+
+    ckpt = tmp_path / "mid.pt"
+    with pytest.raises(Crash):
+        fit(copy.deepcopy(model), blobs, CFG, seed=2, checkpoint_path=ckpt, checkpoint_every_steps=3,
+            on_step_end=crash_at_step_13, progress=False)
+    state = torch.load(ckpt, weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 3)  # the last checkpoint: epoch 2, after its step 3
+    resumed = copy.deepcopy(model)
+    history = fit(resumed, blobs, CFG, seed=2, checkpoint_path=ckpt, progress=False)
+    assert _same_weights(resumed, straight)
+    assert [r["train_loss"] for r in history] == pytest.approx([r["train_loss"] for r in straight_history])
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resumes_exactly(tiny_mlp, blobs, tmp_path):
+    import signal
+
+    from torchslim.errors import TrainingInterrupted
+
+    straight = copy.deepcopy(tiny_mlp)
+    fit(straight, blobs, CFG, seed=4, progress=False)
+
+    def press_ctrl_c(step):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    ckpt = tmp_path / "int.pt"
+    with pytest.raises(TrainingInterrupted, match="epoch 2, step 2"):
+        fit(copy.deepcopy(tiny_mlp), blobs, CFG, seed=4, checkpoint_path=ckpt, on_step_end=press_ctrl_c,
+            progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = copy.deepcopy(tiny_mlp)
+    fit(resumed, blobs, CFG, seed=4, checkpoint_path=ckpt, progress=False)
+    assert _same_weights(resumed, straight)

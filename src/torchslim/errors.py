@@ -28,3 +28,7 @@ class TrainingError(TorchSlimError, RuntimeError):
 
 class ExportError(TorchSlimError, RuntimeError):
     """A model cannot be saved, loaded or exported."""
+
+
+class TrainingInterrupted(TorchSlimError):
+    """Training stopped on Ctrl-C or SIGTERM after writing a resumable checkpoint."""

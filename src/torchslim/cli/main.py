@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from torchslim.errors import TorchSlimError
+from torchslim.errors import TorchSlimError, TrainingInterrupted
 
 
 def shipped_recipe(name: str) -> Path:
@@ -16,6 +17,13 @@ def shipped_recipe(name: str) -> Path:
         if candidate.is_file():
             return candidate
     raise TorchSlimError(f"shipped recipe {name!r} not found next to the torchslim package")
+
+
+def _print_report(run_dir: Path) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes and prints
+        return
+    print(f"run folder: {run_dir}")
+    print((Path(run_dir) / "report.md").read_text(encoding="utf-8"))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -29,8 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not args.recipe:
             raise TorchSlimError("give a RECIPE file, or --resume RUN_DIR")
         run_dir = run_recipe(args.recipe, out=args.out, overrides=args.set)
-    print(f"run folder: {run_dir}")
-    print((Path(run_dir) / "report.md").read_text(encoding="utf-8"))
+    _print_report(run_dir)
     return 0
 
 
@@ -40,8 +47,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     recipe = shipped_recipe("fashion_mnist.yaml")
     print(f"running the shipped recipe {recipe}", file=sys.stderr)
     run_dir = run_recipe(recipe, out=args.out, overrides=args.set)
-    print(f"run folder: {run_dir}")
-    print((Path(run_dir) / "report.md").read_text(encoding="utf-8"))
+    _print_report(run_dir)
     return 0
 
 
@@ -114,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except (KeyboardInterrupt, TrainingInterrupted) as exc:
+        print(f"torchslim: {exc or 'interrupted'}; continue with 'torchslim run --resume RUN_DIR'", file=sys.stderr)
+        return 130
     except TorchSlimError as exc:
         print(f"torchslim: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("torchslim: interrupted; continue with 'torchslim run --resume RUN_DIR'", file=sys.stderr)
-        return 130
-
+    except OSError as exc:  # a full disk, a folder that vanished: say so in one line
+        print(f"torchslim: error: {exc}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,7 @@ saved and rebuilt without pickle.
 """
 
 from torchslim.models import zoo as _zoo  # noqa: F401  (registers the presets)
+from torchslim.models.checks import check_finite, check_forward
 from torchslim.models.registry import (
     PresetInfo,
     build_from_spec,
@@ -18,6 +19,8 @@ from torchslim.models.registry import (
 )
 
 __all__ = [
+    "check_finite",
+    "check_forward",
     "PresetInfo",
     "build_from_spec",
     "create",

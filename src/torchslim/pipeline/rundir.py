@@ -59,7 +59,7 @@ class RunDir:
         try:
             for sub in ("", "checkpoints", "models", "plots"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
+            probe = self.root / f".write-test-{os.getpid()}"
             probe.write_bytes(b"x" * 4096)
             probe.unlink()
         except OSError as exc:

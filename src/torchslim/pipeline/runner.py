@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +39,9 @@ from torchslim.prune import (
     masked_layers,
     prune_,
 )
-from torchslim.train import atomic_write_text, DistContext, Objective, TrainConfig, evaluate, fit
+from torchslim.train import Objective, TrainConfig, atomic_write_text, evaluate, fit
+from torchslim.train.loop import count_steps
+from torchslim.train.distributed import barrier, broadcast_object, init_distributed, shutdown
 
 # Row order and labels of the report's table.
 MODEL_ROWS: dict[str, str] = {
@@ -52,7 +54,8 @@ MODEL_ROWS: dict[str, str] = {
 
 
 def _log(message: str) -> None:
-    print(f"[torchslim] {message}", file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one voice
+        print(f"[torchslim] {message}", file=sys.stderr, flush=True)
 
 
 class Runner:
@@ -62,10 +65,7 @@ class Runner:
         self.recipe = recipe
         self.run = run
         self.progress = progress
-        self.dist = DistContext.from_env()
-        self.device = torch.device(recipe.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("recipe asks for device 'cuda' but torch sees no CUDA device; set device: cpu")
+        self.dist, self.device = init_distributed(recipe.device)
         self.metrics: list[dict[str, Any]] = run.read_metrics()
         self.timings: dict[str, float] = {}
 
@@ -117,6 +117,13 @@ class Runner:
             raise ModelError(f"{path} does not fit model {ref.preset or ref.factory}: {exc}") from None
         return model
 
+    def _check(self, model: nn.Module, label: str) -> nn.Module:
+        """Refuse a model with NaN/Inf weights or one that does not fit the data, before training."""
+        ts_models.check_finite(model, label)
+        ts_models.check_forward(model, self.splits.val.x[:2].to(self.device) if len(self.splits.val.y) >= 2
+                                else self.splits.train.x[:2].to(self.device), self.splits.num_classes, label)
+        return model
+
     def _save(self, model: nn.Module, stage: str) -> None:
         if self.dist.is_main:
             ts_export.save(model, self.run.model(stage), input_shape=list(self.splits.input_shape),
@@ -156,6 +163,7 @@ class Runner:
         _log(f"{stage}: running")
         model = produce()
         self._save(model, stage)
+        barrier(self.dist)
         return model
 
     # ------------------------------------------------------------------ stages
@@ -179,9 +187,9 @@ class Runner:
 
             def make_teacher() -> nn.Module:
                 if t.model.weights is not None:
-                    return self._load_weights(t.model).to(self.device)
+                    return self._check(self._load_weights(t.model).to(self.device), "teacher")
                 torch.manual_seed(recipe.seed)
-                model = self._build(t.model).to(self.device)
+                model = self._check(self._build(t.model).to(self.device), "teacher")
                 self._fit(model, "teacher", t.train, None, recipe.seed)
                 return model
 
@@ -193,7 +201,7 @@ class Runner:
             # Both the baseline and the distilled student start from this same initialisation.
             torch.manual_seed(recipe.seed + 1)
             student_init = self._load_weights(s.model) if s.model.weights else self._build(s.model)
-            student_init = student_init.to(self.device)
+            student_init = self._check(student_init.to(self.device), "student")
             subject = student_init
             if s.baseline is not None:
                 def make_alone() -> nn.Module:
@@ -246,8 +254,8 @@ class Runner:
                         objective = KDObjective(copy.deepcopy(source).eval(), f.kd, f.train.label_smoothing)
                     on_step_end = None
                     if gradual:
-                        per_rank = math.ceil(len(self.splits.train.y) / self.dist.world_size)
-                        total = f.train.epochs * math.ceil(per_rank / f.train.batch_size)
+                        total = f.train.epochs * count_steps(len(self.splits.train.y), f.train.batch_size,
+                                                             self.dist.world_size)
                         schedule = AGPSchedule(final_sparsity=p.sparsity, start_step=0,
                                                end_step=max(1, round(p.gradual_end * total)),
                                                frequency=p.gradual_frequency)
@@ -291,7 +299,9 @@ class Runner:
             if key not in produced:
                 continue
             model = produced[key]
-            accuracy = evaluate(model, self.splits.test, device=self.device)["accuracy"]
+            accuracy = evaluate(model, self.splits.test, device=self.device, dist=self.dist)["accuracy"]
+            if not self.dist.is_main:
+                continue  # one process measures: latency timed beside other ranks would be wrong
             cpu_model = copy.deepcopy(model).cpu()
             prof = ts_measure.profile(cpu_model, example, batch_sizes=tuple(cfg.latency_batch_sizes),
                                       file_bytes=self.run.model(key).stat().st_size, latency=cfg.latency,
@@ -330,9 +340,24 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, *, ov
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    run = RunDir.create(out, recipe.name)
-    atomic_write_text(run.recipe_path, recipe_to_yaml(recipe))
-    Runner(recipe, run, progress=progress).execute()
+    dist, _ = init_distributed(recipe.device)
+    # Rank 0 creates the folder (its name has a timestamp) and tells the others;
+    # an error there is raised on every rank so none waits forever.
+    created: str | ConfigError
+    try:
+        created = str(RunDir.create(out, recipe.name).root) if dist.is_main else ""
+    except ConfigError as exc:
+        created = exc
+    created = broadcast_object(created, dist)
+    if isinstance(created, ConfigError):
+        raise created
+    run = RunDir(created)
+    if dist.is_main:
+        atomic_write_text(run.recipe_path, recipe_to_yaml(recipe))
+    try:
+        Runner(recipe, run, progress=progress).execute()
+    finally:
+        shutdown(dist)
     return run.root
 
 
@@ -340,5 +365,9 @@ def resume_run(run_dir: str | Path, *, progress: bool | None = None) -> Path:
     """Continue an interrupted run from its folder; finished stages are loaded, not re-run."""
     run = RunDir.open_existing(run_dir)
     recipe = load_recipe(run.recipe_path)
-    Runner(recipe, run, progress=progress).execute()
+    dist, _ = init_distributed(recipe.device)
+    try:
+        Runner(recipe, run, progress=progress).execute()
+    finally:
+        shutdown(dist)
     return run.root

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -25,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from torchslim.errors import ConfigError, TrainingError
+from torchslim.errors import ConfigError, TrainingError, TrainingInterrupted
 from torchslim.train.checkpoint import load_checkpoint, model_signature, save_checkpoint
 from torchslim.train.config import TrainConfig
 
@@ -145,6 +147,39 @@ def _raise_if_bad(first_bad: torch.Tensor, stage: str, epoch: int) -> None:
         )
 
 
+def count_steps(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch: every full batch, plus the last partial one if each rank gets a sample."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= world_size else 0)
+
+
+class _StopRequest:
+    """Turns Ctrl-C / SIGTERM into a flag the loop reads between steps.
+
+    The loop then writes a checkpoint at a step boundary (never in the middle of
+    an optimizer step) and raises :class:`TrainingInterrupted`.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def fit(
     model: nn.Module,
     train: TensorSplit,
@@ -156,6 +191,7 @@ def fit(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every_steps: int | None = None,
     stage: str = "train",
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     on_step_end: Callable[[int], None] | None = None,
@@ -173,13 +209,17 @@ def fit(
         seed: fixes batch order and dropout; the same seed gives the same result on CPU.
         device: ``"cpu"`` or ``"cuda"``.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 uses a grad scaler).
-        checkpoint_path: written atomically after every epoch; if it exists, training resumes from it.
+        checkpoint_path: written atomically after every epoch (and on Ctrl-C/SIGTERM);
+            if it exists, training resumes from it, mid-epoch included.
+        checkpoint_every_steps: also checkpoint every this many steps within an epoch.
         stage: name used in records, progress bars and error messages.
         on_epoch_end: called with each epoch's record (after the checkpoint is written).
         on_step_end: called with the global step number after each optimizer step
             (gradual pruning uses it to update masks without rebuilding the optimizer).
         progress: show a progress bar (default: only on an interactive terminal).
-        dist: rank and world size; default read from ``torch.distributed``.
+        dist: rank and world size; default read from ``torch.distributed``. Under
+            DistributedDataParallel every step's ``batch_size`` samples are split
+            across the ranks, so the updates match a single-process run.
 
     Returns:
         One dict per epoch trained in this call *and* before it (when resumed):
@@ -190,6 +230,8 @@ def fit(
     Raises:
         TrainingError: a NaN/Inf loss (naming the epoch and step), or a checkpoint
             written for another model.
+        TrainingInterrupted: Ctrl-C or SIGTERM; a checkpoint was written first when
+            ``checkpoint_path`` is set.
     """
     dist = dist or DistContext.from_env()
     objective = objective or CrossEntropyObjective(config.label_smoothing)
@@ -197,10 +239,11 @@ def fit(
         raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     device = torch.device(device)
     n = len(train.y)
-    if n == 0:
-        raise ConfigError(f"{stage}: the training set is empty")
-    per_rank = math.ceil(n / dist.world_size)
-    steps_per_epoch = math.ceil(per_rank / config.batch_size)
+    if n < dist.world_size:
+        raise ConfigError(f"{stage}: the training set has {n} samples, fewer than the {dist.world_size} processes")
+    if config.batch_size < dist.world_size:
+        raise ConfigError(f"{stage}: batch_size {config.batch_size} is smaller than the {dist.world_size} processes")
+    steps_per_epoch = count_steps(n, config.batch_size, dist.world_size)
 
     train_model: nn.Module = model
     if dist.world_size > 1:
@@ -213,7 +256,7 @@ def fit(
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     history: list[dict[str, Any]] = []
-    start_epoch = 0
+    start_epoch, start_step, partial = 0, 0, None
     torch.manual_seed(seed)
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
         state = load_checkpoint(checkpoint_path, model)
@@ -224,88 +267,133 @@ def fit(
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start_epoch = int(state["epoch"])
+        start_epoch, start_step = int(state["epoch"]), int(state.get("step", 0))
+        partial = state.get("partial")
         history = list(state["history"])
 
+    def save(epoch: int, step: int, totals: dict[str, Any] | None) -> None:
+        if checkpoint_path is None or not dist.is_main:
+            return
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": torch.get_rng_state(), "epoch": epoch, "step": step, "history": history,
+            "signature": model_signature(model),
+        }
+        if totals is not None:
+            state["partial"] = totals
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        save_checkpoint(checkpoint_path, state)
+
     show = progress if progress is not None else (dist.is_main and sys.stderr.isatty())
-    for epoch in range(start_epoch, config.epochs):
-        train_model.train()
-        started = time.perf_counter()
-        order = epoch_permutation(n, seed, epoch)[dist.rank::dist.world_size]
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=device)
-        first_bad = torch.tensor(-1, device=device)
-        seen = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"{stage} {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not show, mininterval=0.5, file=sys.stderr)
-        for step in range(steps_per_epoch):
-            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            x = train.x[idx].to(device, non_blocking=True)
-            y = train.y[idx].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits, parts = objective(train_model, x, y)
-            loss = parts["loss"]
-            if device.type == "cpu":
-                _check_finite(loss, stage, epoch, step)
-            else:
-                # On a GPU a per-step check would wait for the device every step; record
-                # the first bad step on the device and look at it every 50 steps instead.
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                        torch.tensor(step, device=device), first_bad)
-                if step % 50 == 49 or step == steps_per_epoch - 1:
-                    _raise_if_bad(first_bad, stage, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if on_step_end is not None:
-                on_step_end(epoch * steps_per_epoch + step + 1)
+    with _StopRequest() as stop:
+        for epoch in range(start_epoch, config.epochs):
+            train_model.train()
+            order = epoch_permutation(n, seed, epoch)
+            sums: dict[str, torch.Tensor] = {}
+            correct = torch.zeros((), device=device)
+            seen, elapsed, first_step = 0, 0.0, 0
+            if partial is not None and epoch == start_epoch:
+                # Resuming mid-epoch: carry on the epoch's running totals.
+                sums = {k: v.to(device) for k, v in partial["sums"].items()}
+                correct, seen, elapsed = partial["correct"].to(device), int(partial["seen"]), float(partial["elapsed"])
+                first_step = start_step
+            first_bad = torch.tensor(-1, device=device)
+            started = time.perf_counter() - elapsed
+            bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"{stage} {epoch + 1}/{config.epochs}",
+                       leave=False, disable=not show, mininterval=0.5, file=sys.stderr)
+            for step in range(first_step, steps_per_epoch):
+                batch_idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+                idx = batch_idx[dist.rank::dist.world_size]
+                x = train.x[idx].to(device, non_blocking=True)
+                y = train.y[idx].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    logits, parts = objective(train_model, x, y)
+                loss = parts["loss"]
+                if device.type == "cpu":
+                    _check_finite(loss, stage, epoch, step)
+                else:
+                    # On a GPU a per-step check would wait for the device every step; record
+                    # the first bad step on the device and look at it every 50 steps instead.
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                            torch.tensor(step, device=device), first_bad)
+                    if step % 50 == 49 or step == steps_per_epoch - 1:
+                        _raise_if_bad(first_bad, stage, epoch)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if on_step_end is not None:
+                    on_step_end(epoch * steps_per_epoch + step + 1)
 
-            # Sums stay tensors: no host sync per step, only at the end of the epoch.
-            batch = len(y)
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float() * batch
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += batch
-            if show and step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{correct.item() / seen:.3f}")
-            bar.update(1)
-        bar.close()
+                # Sums stay tensors: no host sync per step, only at the end of the epoch.
+                batch = len(y)
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float() * batch
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += batch
+                if show and step % 50 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{correct.item() / seen:.3f}")
+                bar.update(1)
 
-        totals = torch.stack([*(sums[k] for k in sorted(sums)), correct.float(), torch.tensor(float(seen), device=device)])
-        if dist.world_size > 1:
-            torch_dist.all_reduce(totals)
-        count = totals[-1].item()
-        record: dict[str, Any] = {"stage": stage, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        for i, key in enumerate(sorted(sums)):
-            record["train_loss" if key == "loss" else f"train_{key}"] = totals[i].item() / count
-        record["train_accuracy"] = totals[-2].item() / count
-        if val is not None:
-            metrics = evaluate(model, val, batch_size=config.eval_batch_size, device=device, dist=dist)
-            record["val_loss"], record["val_accuracy"] = metrics["loss"], metrics["accuracy"]
-        seconds = time.perf_counter() - started
-        record["seconds"] = seconds
-        record["samples_per_second"] = count / seconds
-        history.append(record)
+                last = step == steps_per_epoch - 1
+                # Under DDP every rank must stop at the same step: they agree every 20 steps.
+                stopping = _stop_everywhere(stop, dist, step)
+                if not last and (stopping or (checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0)):
+                    save(epoch, step + 1, {"sums": {k: v.detach().cpu() for k, v in sums.items()},
+                                           "correct": correct.detach().cpu(), "seen": seen,
+                                           "elapsed": time.perf_counter() - started})
+                if stopping and not last:
+                    bar.close()
+                    raise TrainingInterrupted(
+                        f"{stage}: interrupted at epoch {epoch + 1}, step {step + 1}"
+                        + ("; a checkpoint was written" if checkpoint_path is not None else ""))
+            bar.close()
 
-        if checkpoint_path is not None and dist.is_main:
-            state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history,
-                "signature": model_signature(model),
-            }
-            if device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(device)
-            save_checkpoint(checkpoint_path, state)
-        if on_epoch_end is not None:
-            on_epoch_end(record)
-        if not show and dist.is_main and progress is not False:
-            val_text = f" val_acc {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
-            print(f"[{stage}] epoch {epoch + 1}/{config.epochs} loss {record['train_loss']:.4f} "
-                  f"acc {record['train_accuracy']:.4f}{val_text} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+            totals_t = torch.stack([*(sums[k] for k in sorted(sums)), correct.float(),
+                                    torch.tensor(float(seen), device=device)])
+            if dist.world_size > 1:
+                torch_dist.all_reduce(totals_t)
+            count = totals_t[-1].item()
+            record: dict[str, Any] = {"stage": stage, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            for i, key in enumerate(sorted(sums)):
+                record["train_loss" if key == "loss" else f"train_{key}"] = totals_t[i].item() / count
+            record["train_accuracy"] = totals_t[-2].item() / count
+            if val is not None:
+                metrics = evaluate(model, val, batch_size=config.eval_batch_size, device=device, dist=dist)
+                record["val_loss"], record["val_accuracy"] = metrics["loss"], metrics["accuracy"]
+            seconds = time.perf_counter() - started
+            record["seconds"] = seconds
+            record["samples_per_second"] = count / seconds
+            history.append(record)
+            save(epoch + 1, 0, None)
+            if dist.world_size > 1:
+                torch_dist.barrier()  # nobody reads a checkpoint rank 0 is still writing
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+            if not show and dist.is_main and progress is not False:
+                val_text = f" val_acc {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+                print(f"[{stage}] epoch {epoch + 1}/{config.epochs} loss {record['train_loss']:.4f} "
+                      f"acc {record['train_accuracy']:.4f}{val_text} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+            if _stop_everywhere(stop, dist, None):
+                raise TrainingInterrupted(f"{stage}: interrupted after epoch {epoch + 1}"
+                                          + ("; a checkpoint was written" if checkpoint_path is not None else ""))
     return history
+
+
+def _stop_everywhere(stop: _StopRequest, dist: DistContext, step: int | None) -> bool:
+    """Whether to stop now. Under DDP the ranks agree (at every 20th step, and at the end
+    of an epoch when ``step`` is None) so that they all stop at the same point."""
+    if dist.world_size == 1:
+        return stop.requested
+    if step is not None and step % 20 != 19:
+        return False
+    flag = torch.tensor([1.0 if stop.requested else 0.0])
+    torch_dist.all_reduce(flag)
+    stop.requested = flag.item() > 0
+    return stop.requested
