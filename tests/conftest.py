@@ -49,3 +49,10 @@ def hermetic_data_env(monkeypatch, tmp_path):
     """Keep the user's $TORCHSLIM_DATA and ~/.cache out of a data test."""
     monkeypatch.delenv("TORCHSLIM_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+# tests/fuzz_strategies.py is shared with benchmarks/fuzz_parsers.py
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
