@@ -43,3 +43,13 @@ def test_random_idx_files_raise_only_data_errors(data, tmp_path):
         read_idx(path)
     except DataError:
         pass
+
+
+def test_regression_non_string_keys_found_by_the_fuzzer(tmp_path):
+    import pytest
+
+    (tmp_path / "q.yaml").write_text("?\n")  # YAML for {None: None}
+    with pytest.raises(ConfigError, match="keys must be names"):
+        load_recipe(tmp_path / "q.yaml")
+    with pytest.raises(ConfigError, match=r"student\.model\.1: keys must be names"):
+        parse_recipe({"student": {"model": {1: "x"}}})

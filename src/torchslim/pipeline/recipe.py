@@ -238,6 +238,19 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return doc
 
 
+def _check_keys(node: Any, path: str, source: str) -> None:
+    """Every mapping key in a recipe must be a string (YAML allows ``? 1`` or ``null:``)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                where = f"{path}." if path else ""
+                raise ConfigError(f"{source}: invalid recipe:\n{where}{key!r}: keys must be names (strings)")
+            _check_keys(value, f"{path}.{key}" if path else key, source)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_keys(item, f"{path}.{i}", source)
+
+
 def parse_recipe(doc: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
     """Validate a recipe document (a dict from YAML) into a :class:`Recipe`.
 
@@ -246,6 +259,7 @@ def parse_recipe(doc: Any, source: str = "recipe", base_dir: Path | None = None)
     """
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {type(doc).__name__}")
+    _check_keys(doc, "", source)
     try:
         # model_validate goes through Config.__init__; mark it as nested so pydantic's
         # error (with full key paths) reaches us here.
