@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+# Tiny models gain nothing from threads, and on a busy machine spinning thread
+# pools make millisecond tests take seconds.
+torch.set_num_threads(1)
+
 
 @dataclass
 class Split:
