@@ -19,13 +19,14 @@ from torchslim.export import export_onnx, load, save
 from torchslim.measure import profile
 from torchslim.pipeline import Recipe, load_recipe, resume_run, run_recipe
 from torchslim.prune import MagnitudePruning, finalize_, prune_
+from torchslim.prune.structured import ChannelPruning, prune_channels
 from torchslim.train import TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "ConfigError", "DataError", "ExportError", "KDConfig", "MagnitudePruning", "ModelError", "Recipe",
+    "ChannelPruning", "Config", "ConfigError", "DataError", "ExportError", "KDConfig", "MagnitudePruning", "ModelError", "Recipe",
     "TorchSlimError", "TrainConfig", "TrainingError", "config_from_dict", "data", "distill", "evaluate",
     "export", "export_onnx", "finalize_", "fit", "load", "load_recipe", "measure", "models", "pipeline",
-    "profile", "prune", "prune_", "resume_run", "run_recipe", "save", "train",
+    "profile", "prune", "prune_", "prune_channels", "resume_run", "run_recipe", "save", "train",
 ]

@@ -1,6 +1,6 @@
 """The ``.slim`` model file: one safetensors file, architecture as JSON, no pickle.
 
-Layout (``version`` 1). The safetensors header metadata holds one key,
+Layout (``version`` 1, or 2 with a pruning history). The safetensors header metadata holds one key,
 ``"torchslim"``, whose value is a JSON string::
 
     {"format": "torchslim.slim", "version": 1,
@@ -10,7 +10,15 @@ Layout (``version`` 1). The safetensors header metadata holds one key,
                                         "dtype": "float32"}, ...},
      "masked": ["features.0.weight", ...],
      "metadata": {...},                                      # the caller's own dict
+     "history": [{"ops": [...]}, ...],                       # version 2 only, see below
      "sha256": "..."}                                        # of the stored tensors
+
+``history`` (written only for a channel-pruned model, which makes the file
+version 2) is the model's ``torchslim_history``: the channels structured pruning
+removed, step by step (:mod:`torchslim.prune.structured.history`). The spec still
+describes the unpruned architecture; loading rebuilds it, replays the history
+(which gives the pruned shapes) and then loads the tensors. A version-1 reader
+refuses such a file ("written by a newer torchslim") rather than failing on shapes.
 
 The model's *effective* state dict is stored: a masked weight is stored under its
 plain name (``x.weight``), never as ``weight_orig``/``weight_mask``. Each entry
@@ -53,9 +61,10 @@ from torchslim.atomic import atomic_write_bytes
 from torchslim.models import build_from_spec, get_spec
 from torchslim.models.registry import SPEC_ATTR
 from torchslim.prune.masks import apply_mask_, is_masked
+from torchslim.prune.structured.history import check_history, get_history, replay_history_
 
 FORMAT = "torchslim.slim"
-VERSION = 1
+VERSION = 2  # the newest version written and read; files without a pruning history are still written as 1
 HEADER_KEY = "torchslim"
 VALUES_SUFFIX = "::values"
 BITMASK_SUFFIX = "::bitmask"
@@ -233,6 +242,7 @@ def save(
         if not input_shape or min(input_shape) < 1:
             raise ExportError(f"input_shape must be positive ints (one sample, no batch dimension), got {input_shape!r}")
 
+    history = get_history(model)
     state, masks = effective_state(model)
     entries: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -241,7 +251,7 @@ def save(
         tensors.update(stored)
     header = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": 2 if history else 1,
         "spec": spec,
         "input_shape": list(input_shape) if input_shape is not None else None,
         "tensors": entries,
@@ -249,6 +259,8 @@ def save(
         "metadata": dict(metadata or {}),
         "sha256": _digest(tensors),
     }
+    if history:
+        header["history"] = history
     try:
         header_json = json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -289,6 +301,11 @@ def _parse_header(path: Path, raw: dict[str, str] | None) -> dict[str, Any]:
     for key, typ in expected_types.items():
         if not isinstance(header.get(key), typ):
             raise ExportError(f"{path}: header field {key!r} is missing or not a {typ.__name__}")
+    if "history" in header:
+        try:
+            check_history(header["history"])
+        except TorchSlimError as exc:
+            raise ExportError(f"{path}: header field 'history' is invalid: {exc}") from None
     shape = header.get("input_shape")
     if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)):
         raise ExportError(f"{path}: header field 'input_shape' must be null or a list of positive ints, got {shape!r}")
@@ -315,7 +332,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     Returns:
         The header dict: ``format``, ``version``, ``spec``, ``input_shape``,
-        ``tensors``, ``masked``, ``metadata``, ``sha256``.
+        ``tensors``, ``masked``, ``metadata``, ``sha256``, and ``history`` for a
+        channel-pruned model.
 
     Raises:
         ExportError: the file is missing, not a safetensors file, or not a .slim file.
@@ -452,12 +470,14 @@ def _match_dtypes_(path: Path, model: nn.Module, target: dict[str, torch.Tensor]
 
 
 def load(path: str | os.PathLike, *, factory: Factory | None = None) -> nn.Module:
-    """Load a ``.slim`` file: rebuild the architecture, re-apply masks, load the tensors.
+    """Load a ``.slim`` file: rebuild the architecture, replay its pruning history, re-apply masks, load the tensors.
 
     Reading never unpickles anything. The returned model computes exactly what the
     saved one did; masked weights come back as masks (``weight_orig`` +
     ``weight_mask``), so the model can keep training with pruned weights held at
-    zero. The model is returned on the CPU, in training mode like any new module.
+    zero; a channel-pruned model comes back with its smaller layers (and its
+    ``torchslim_history``). The model is returned on the CPU, in training mode like
+    any new module.
 
     Args:
         path: a file written by :func:`save`.
@@ -497,6 +517,12 @@ def load(path: str | os.PathLike, *, factory: Factory | None = None) -> nn.Modul
 
     model = _build(path, header["spec"], factory)
     where = f"the model rebuilt from spec {header['spec']!r}"
+    if header.get("history"):
+        try:
+            replay_history_(model, header["history"])
+        except TorchSlimError as exc:
+            raise ExportError(f"{path}: the pruning history does not fit {where}: {exc}") from exc
+        where += " and its pruning history"
     masks = {name: positions[name] for name in header["masked"]}
     target: dict[str, torch.Tensor] = {}
     for name, value in tensors.items():

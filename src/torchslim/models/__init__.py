@@ -6,6 +6,7 @@ saved and rebuilt without pickle.
 """
 
 from torchslim.models import zoo as _zoo  # noqa: F401  (registers the presets)
+from torchslim.models import zoo_extra as _zoo_extra  # noqa: F401  (registers resnet20/56, vgg_small, mobilenetv2, vit_tiny)
 from torchslim.models.checks import check_finite, check_forward
 from torchslim.models.registry import (
     PresetInfo,

@@ -1,0 +1,60 @@
+"""Structured pruning: remove whole channels so the model is genuinely smaller and faster.
+
+Four parts, kept apart:
+
+* coupling (:mod:`~torchslim.prune.structured.graph`): a torch.fx dependency graph
+  that finds which channels of which layers must be removed together;
+* importance (:mod:`~torchslim.prune.structured.importance`): L1/L2 norm, BatchNorm
+  gamma, Taylor or random scores per removable unit;
+* selection (:mod:`~torchslim.prune.structured.selection`): a ratio (global or per
+  layer) or a MACs / parameter target, channel counts rounded to a multiple;
+* surgery (:mod:`~torchslim.prune.structured.surgery`): per-layer-type functions that
+  rebuild layers with fewer channels.
+
+:func:`prune_channels` ties them together and records what it removed as JSON
+(:mod:`~torchslim.prune.structured.history`) so the pruned model saves without pickle.
+
+Example:
+    >>> import torch, torchslim as ts
+    >>> from torchslim.prune.structured import ChannelPruning, prune_channels
+    >>> model = ts.models.create("fmnist_student", width=8, fc=16)
+    >>> small = prune_channels(model, torch.randn(1, 1, 28, 28), ChannelPruning(ratio=0.5))
+    >>> small.features[0].out_channels
+    4
+"""
+
+from torchslim.prune.structured.api import REPORT_ATTR, ChannelPruning, PruningReport, finetune, prune_channels
+from torchslim.prune.structured.graph import (
+    ChannelGroup,
+    DependencyGraph,
+    FrozenGroup,
+    Unsupported,
+    build_dependency_graph,
+)
+from torchslim.prune.structured.history import HISTORY_ATTR, check_history, get_history, replay_history_
+from torchslim.prune.structured.importance import unit_scores
+from torchslim.prune.structured.modules import PrunedMultiheadAttention
+from torchslim.prune.structured.surgery import SURGERY, apply_ops_, masked_reference, register_surgery
+
+__all__ = [
+    "HISTORY_ATTR",
+    "REPORT_ATTR",
+    "SURGERY",
+    "ChannelGroup",
+    "ChannelPruning",
+    "DependencyGraph",
+    "FrozenGroup",
+    "PrunedMultiheadAttention",
+    "PruningReport",
+    "Unsupported",
+    "apply_ops_",
+    "build_dependency_graph",
+    "check_history",
+    "finetune",
+    "get_history",
+    "masked_reference",
+    "prune_channels",
+    "register_surgery",
+    "replay_history_",
+    "unit_scores",
+]
