@@ -1,9 +1,12 @@
-"""Unstructured magnitude pruning: importance, selection and masks kept apart.
+"""Magnitude pruning, the simplest special case of :class:`~torchslim.prune.UnstructuredPruning`.
 
 * importance: :func:`magnitude_scores` (|w|; L1 and L2 rank single weights alike);
-* selection: :func:`mask_by_count` / :func:`mask_by_threshold`, pure functions
-  ``mask = f(scores, previous_mask, ...)`` that never bring back a pruned weight;
+* selection: :func:`mask_by_count` / :func:`mask_by_threshold` (now in
+  :mod:`torchslim.prune.masking`), pure functions ``mask = f(scores, previous_mask, ...)``
+  that never bring back a pruned weight;
 * masks: :mod:`torchslim.prune.masks`.
+
+``prune_(model, MagnitudePruning(...))`` is ``prune_(model, as_unstructured(config))``.
 
 "Prune the weights whose importance is below the threshold" means exactly that:
 a weight is kept when its score is >= the threshold and removed when below.
@@ -11,15 +14,20 @@ a weight is kept when its score is >= the threshold and removed when below.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
 from torchslim.config import Config
-from torchslim.prune.masks import apply_mask_, effective_weight, get_mask
-from torchslim.prune.selection import check_pattern, select_layers
+from torchslim.prune.api import prune_, register_pruning_handler
+from torchslim.prune.masking import mask_by_count, mask_by_threshold  # noqa: F401  (their historical home)
+from torchslim.prune.masks import effective_weight
+from torchslim.prune.selection import check_pattern
+
+if TYPE_CHECKING:
+    from torchslim.prune.unstructured import UnstructuredPruning
 
 
 class MagnitudePruning(Config):
@@ -63,58 +71,18 @@ def magnitude_scores(module: nn.Module) -> torch.Tensor:
     return effective_weight(module).detach().abs()
 
 
-def mask_by_count(scores: torch.Tensor, n_prune: int, previous_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask that removes the ``n_prune`` lowest-scoring entries (ties broken by position).
+def as_unstructured(config: MagnitudePruning) -> "UnstructuredPruning":
+    """The :class:`~torchslim.prune.UnstructuredPruning` that ``config`` is the special case of.
 
-    Entries already removed by ``previous_mask`` stay removed and count toward ``n_prune``.
+    Magnitude pruning is the ``l1`` criterion with no minimum kept per layer.
     """
-    flat = scores.flatten().clone().float()
-    if previous_mask is not None:
-        flat[previous_mask.flatten() == 0] = -float("inf")
-        n_prune = max(n_prune, int((previous_mask == 0).sum()))
-    mask = torch.ones_like(flat)
-    if n_prune > 0:
-        order = torch.argsort(flat, stable=True)
-        mask[order[:n_prune]] = 0.0
-    return mask.view_as(scores)
+    from torchslim.prune.unstructured import UnstructuredPruning
+
+    target = {"sparsity": config.sparsity} if config.sparsity is not None else {"threshold": config.threshold}
+    return UnstructuredPruning(criterion="l1", scope=config.scope, min_kept=0, layer_types=list(config.layer_types),
+                               include=list(config.include), exclude=list(config.exclude), **target)
 
 
-def mask_by_threshold(scores: torch.Tensor, threshold: float, previous_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask that keeps entries with ``score >= threshold`` (and not already removed)."""
-    mask = (scores >= threshold).to(scores.dtype)
-    if previous_mask is not None:
-        mask = mask * (previous_mask != 0).to(scores.dtype)
-    return mask
-
-
-def prune_(model: nn.Module, config: MagnitudePruning) -> None:
-    """Prune ``model`` in place with masks, as ``config`` says.
-
-    The masked model keeps training normally (pruned weights stay exactly zero);
-    call :func:`torchslim.prune.finalize_` to make the zeros permanent.
-    """
-    layers = select_layers(model, config.layer_types, config.include, config.exclude)
-    if not layers:
-        from torchslim.errors import ConfigError
-
-        raise ConfigError(
-            "no layer matched the pruning selection "
-            f"(layer_types={config.layer_types}, include={config.include}, exclude={config.exclude})"
-        )
-    scores = [magnitude_scores(m) for _, m in layers]
-    previous = [get_mask(m) for _, m in layers]
-    if config.threshold is not None:
-        masks = [mask_by_threshold(s, config.threshold, p) for s, p in zip(scores, previous)]
-    elif config.scope == "layer":
-        masks = [mask_by_count(s, round(config.sparsity * s.numel()), p) for s, p in zip(scores, previous)]
-    else:
-        # Global: rank every selected weight together, then split the mask back per layer.
-        flat_prev = None
-        if any(p is not None for p in previous):
-            flat_prev = torch.cat([(p if p is not None else torch.ones_like(s)).flatten() for s, p in zip(scores, previous)])
-        flat_scores = torch.cat([s.flatten() for s in scores])
-        flat_mask = mask_by_count(flat_scores, round(config.sparsity * flat_scores.numel()), flat_prev)
-        masks = list(torch.split(flat_mask, [s.numel() for s in scores]))
-        masks = [m.view_as(s) for m, s in zip(masks, scores)]
-    for (_, module), mask in zip(layers, masks):
-        apply_mask_(module, mask)
+@register_pruning_handler(MagnitudePruning)
+def _prune_magnitude(model: nn.Module, config: MagnitudePruning, data: Any, objective: Any, context: Any) -> None:
+    prune_(model, as_unstructured(config))

@@ -64,3 +64,28 @@ def select_layers(
             continue
         chosen.append((name, module))
     return chosen
+
+
+def first_and_last(model: nn.Module, layer_types: Iterable[str] = ("Linear", "Conv2d")) -> list[str]:
+    """Names of the first and last layers of ``layer_types`` in definition order.
+
+    Definition order (``model.named_modules()``) is execution order for every
+    torchslim preset and for plain ``nn.Sequential`` stacks; it may differ for a
+    model whose ``forward`` calls its submodules out of order.
+    """
+    names = [n for n, _ in select_layers(model, layer_types)]
+    return sorted(set(names[:1] + names[-1:]), key=names.index)
+
+
+def resolve_override(name: str, overrides: dict[str, float | None]) -> tuple[bool, float | None]:
+    """The per-layer override that applies to ``name``: ``(found, value)``.
+
+    Precedence: an exact name wins over every ``re:`` pattern; among patterns, the
+    first one (in the mapping's order) that fully matches wins.
+    """
+    if name in overrides:
+        return True, overrides[name]
+    for pattern, value in overrides.items():
+        if pattern.startswith("re:") and name_matches(name, pattern):
+            return True, value
+    return False, None
