@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, overload
 
 import torch.nn as nn
 
@@ -24,21 +24,61 @@ SPEC_ATTR = "torchslim_spec"
 
 @dataclass(frozen=True)
 class PresetInfo:
-    """A registered preset: its name, builder and one-line description."""
+    """A registered preset: its name, builder, one-line description and width arguments.
+
+    ``width_args`` names the integer arguments that set layer widths (channels, hidden
+    units); :func:`torchslim.distill.derive_student` scales them. Empty when the preset
+    did not declare any.
+    """
 
     name: str
     builder: Callable[..., nn.Module]
     description: str
+    width_args: tuple[str, ...] = ()
 
 
 _PRESETS: dict[str, PresetInfo] = {}
 
 
-def register_preset(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator that registers a builder function as a preset under its own name."""
-    doc = inspect.getdoc(fn) or ""
-    _PRESETS[fn.__name__] = PresetInfo(fn.__name__, fn, doc.splitlines()[0] if doc else "")
-    return fn
+Builder = Callable[..., nn.Module]
+
+
+@overload
+def register_preset(fn: Builder) -> Builder: ...
+
+
+@overload
+def register_preset(*, width_args: Sequence[str]) -> Callable[[Builder], Builder]: ...
+
+
+def register_preset(fn: Builder | None = None, *, width_args: Sequence[str] = ()) -> Any:
+    """Decorator that registers a builder function as a preset under its own name.
+
+    Use it bare (``@register_preset``) or name the arguments that set layer widths,
+    so that :func:`torchslim.distill.derive_student` can build a narrower twin
+    (``@register_preset(width_args=("width", "fc"))``).
+
+    Raises:
+        ModelError: a width argument is not an argument of the builder.
+    """
+    def register(builder: Builder) -> Builder:
+        params = inspect.signature(builder).parameters
+        unknown = [a for a in width_args if a not in params]
+        if unknown:
+            raise ModelError(f"preset {builder.__name__!r}: width_args {unknown} are not arguments of the builder")
+        doc = inspect.getdoc(builder) or ""
+        _PRESETS[builder.__name__] = PresetInfo(builder.__name__, builder, doc.splitlines()[0] if doc else "",
+                                                tuple(width_args))
+        return builder
+
+    return register(fn) if fn is not None else register
+
+
+def get_preset(name: str) -> PresetInfo:
+    """The registered preset ``name`` (a :class:`ModelError` listing the known ones if absent)."""
+    if name not in _PRESETS:
+        raise ModelError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(_PRESETS))}")
+    return _PRESETS[name]
 
 
 def list_presets() -> list[PresetInfo]:
@@ -72,10 +112,7 @@ def create(name: str, **overrides: Any) -> nn.Module:
         >>> import torchslim as ts
         >>> model = ts.models.create("lenet5", num_classes=10)
     """
-    if name not in _PRESETS:
-        known = ", ".join(sorted(_PRESETS))
-        raise ModelError(f"unknown model preset {name!r}; known presets: {known}")
-    fn = _PRESETS[name].builder
+    fn = get_preset(name).builder
     args = _bind_args(fn, f"preset {name!r}", overrides)
     model = fn(**args)
     setattr(model, SPEC_ATTR, {"preset": name, "args": args})

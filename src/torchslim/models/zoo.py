@@ -3,7 +3,8 @@
 Every preset takes ``in_channels``, ``num_classes`` and ``input_size`` so the
 same architecture runs on Fashion-MNIST (1x28x28) and on sklearn digits
 (1x8x8); flatten sizes are computed from a dummy forward, never hand-kept.
-Each has a tiny twin reachable through its width arguments, for tests.
+Each has a tiny twin reachable through its width arguments, for tests; presets
+declare those arguments (``width_args``) so that ``derive_student`` can scale them.
 """
 
 from __future__ import annotations
@@ -54,14 +55,14 @@ class MLP(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-@register_preset
+@register_preset(width_args=("hidden1", "hidden2"))
 def lenet300_100(in_channels: int = 1, num_classes: int = 10, input_size: int = 28,
                  hidden1: int = 300, hidden2: int = 100) -> nn.Module:
     """LeNet-300-100: the fully connected net of LeCun et al. and Han et al. (266k params on 28x28)."""
     return MLP(in_channels * input_size * input_size, [hidden1, hidden2], num_classes)
 
 
-@register_preset
+@register_preset(width_args=("conv1", "conv2", "fc"))
 def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28,
            conv1: int = 20, conv2: int = 50, fc: int = 500) -> nn.Module:
     """LeNet-5, Caffe variant: conv 20@5x5, pool, conv 50@5x5, pool, fc 500, fc (431k params on 28x28)."""
@@ -77,7 +78,7 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28,
     return ConvNet(features, classifier)
 
 
-@register_preset
+@register_preset(width_args=("width", "fc"))
 def fmnist_teacher(in_channels: int = 1, num_classes: int = 10, input_size: int = 28,
                    width: int = 32, fc: int = 512, dropout: float = 0.3) -> nn.Module:
     """VGG-style teacher: 2x(conv-BN-ReLU) x2 blocks (32, 64 channels), fc 512 (1.68M params); >=92% on Fashion-MNIST."""
@@ -92,7 +93,7 @@ def fmnist_teacher(in_channels: int = 1, num_classes: int = 10, input_size: int 
     return ConvNet(features, classifier)
 
 
-@register_preset
+@register_preset(width_args=("width", "fc"))
 def fmnist_student(in_channels: int = 1, num_classes: int = 10, input_size: int = 28,
                    width: int = 16, fc: int = 96) -> nn.Module:
     """Small student: conv-BN-ReLU-pool (16, 32 channels), fc 96 (156k params, <1/10 of fmnist_teacher)."""
@@ -105,7 +106,7 @@ def fmnist_student(in_channels: int = 1, num_classes: int = 10, input_size: int 
     return ConvNet(features, classifier)
 
 
-@register_preset
+@register_preset(width_args=("conv", "fc"))
 def article_teacher(in_channels: int = 1, num_classes: int = 10, input_size: int = 28,
                     conv: int = 32, fc: int = 128) -> nn.Module:
     """The reference article's teacher, flatten size corrected: conv 32@5x5, pool, fc 128, fc."""
@@ -115,7 +116,7 @@ def article_teacher(in_channels: int = 1, num_classes: int = 10, input_size: int
     return ConvNet(features, classifier)
 
 
-@register_preset
+@register_preset(width_args=("conv", "fc"))
 def article_student(in_channels: int = 1, num_classes: int = 10, input_size: int = 28,
                     conv: int = 16, fc: int = 64) -> nn.Module:
     """The reference article's student, flatten size corrected: conv 16@3x3, pool, fc 64, fc."""
