@@ -133,3 +133,21 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes_exactly(tiny_mlp, blobs, tmp_pat
     resumed = copy.deepcopy(tiny_mlp)
     fit(resumed, blobs, CFG, seed=4, checkpoint_path=ckpt, progress=False)
     assert _same_weights(resumed, straight)
+
+
+def test_objectives_that_ask_for_it_get_each_batchs_row_indices(tiny_mlp, blobs):
+    seen = []
+
+    class IndexedObjective:
+        uses_index = True
+
+        def __call__(self, model, x, y, index=None):
+            # The rows the loop took must be exactly the ones it passes as index.
+            assert torch.equal(x, blobs.x[index]) and torch.equal(y, blobs.y[index])
+            seen.append(index.clone())
+            logits = model(x)
+            return logits, {"loss": torch.nn.functional.cross_entropy(logits, y)}
+
+    fit(tiny_mlp, blobs, TrainConfig(epochs=1, batch_size=16), objective=IndexedObjective(), progress=False)
+    rows = torch.cat(seen)
+    assert sorted(rows.tolist()) == list(range(len(blobs.y)))  # one epoch visits every row once

@@ -148,8 +148,7 @@ def distill(
         say(f"teacher outputs cached: {cache} in {cache_seconds:.1f}s")
     with DistillObjective(student, teacher, cfg, example=train.x[:2], teacher_cache=cache,
                           label_smoothing=train_config.label_smoothing) as objective:
-        split = objective.indexed(train) if cache is not None else train
-        records = fit(student, split, train_config, objective=objective, stage=fit_kwargs.pop("stage", "distill"),
+        records = fit(student, train, train_config, objective=objective, stage=fit_kwargs.pop("stage", "distill"),
                       **fit_kwargs)
     for record in records:
         record["teacher_outputs"] = objective.teacher_outputs

@@ -7,10 +7,10 @@ every other part (``task_loss``, ``kd_loss``, ``tckd_loss``, ``nckd_loss``,
 
 Teacher outputs come either from the teacher, run on the batch (*online*), or
 from a :class:`~torchslim.distill.cache.TeacherCache` looked up by the batch's
-sample indices (*cached*). The indices reach the objective as ``index=`` when the
-training loop passes them (objectives declaring ``uses_index = True``); until
-then, :meth:`DistillObjective.indexed` wraps the training split so that indexing
-its ``x`` records which rows were taken.
+sample indices (*cached*). :func:`~torchslim.train.fit` passes them as ``index=``
+(the objective declares ``uses_index = True``); for a hand-written loop that
+does not, :meth:`DistillObjective.indexed` wraps the training split so that
+indexing its ``x`` records which rows were taken.
 
 Hint adapters are attached to the student as the submodule
 ``torchslim_distill_adapters`` while distillation runs, so the loop's optimizer
@@ -116,7 +116,7 @@ class DistillObjective:
         ['hint_loss', 'kd_loss', 'loss', 'task_loss']
     """
 
-    #: Proposed contract with ``fit``: objectives that set this receive ``index=`` (the batch's sample indices).
+    #: ``fit`` calls objectives that set this with ``index=`` (the batch's sample indices).
     uses_index: ClassVar[bool] = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module, config: KDConfig | DKDConfig | DistillConfig, *,
@@ -190,8 +190,8 @@ class DistillObjective:
     def indexed(self, split: Any) -> IndexedSplit:
         """``split`` with an ``x`` that records the rows the loop takes, for cached teacher outputs.
 
-        Needed only while ``fit`` does not pass ``index=`` to objectives; the recorded index is
-        read in the objective call that follows the loop's ``train.x[idx]``.
+        Only for a training loop that does not pass ``index=`` (``fit`` does); the recorded
+        index is read in the objective call that follows the loop's ``train.x[idx]``.
         """
         self._recorder = IndexedInputs(split.x)
         return IndexedSplit(self._recorder, split.y)
@@ -220,8 +220,9 @@ class DistillObjective:
         if index is None and self._recorder is not None:
             index = self._recorder.last_index
         if index is None:
-            raise TrainingError("cached teacher outputs need each batch's sample indices: train on "
-                                "objective.indexed(train) (or with a loop that passes index=)")
+            raise TrainingError("cached teacher outputs need each batch's sample indices: train with "
+                                "torchslim.train.fit (it passes index=), or on objective.indexed(train) in "
+                                "your own loop")
         if len(index) != len(x):
             raise TrainingError(f"the batch has {len(x)} samples but {len(index)} indices: the cache lookup "
                                 "does not match the batch")

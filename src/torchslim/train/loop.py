@@ -40,7 +40,12 @@ class TensorSplit(Protocol):
 
 
 class Objective(Protocol):
-    """Computes a batch's logits and loss parts; ``parts["loss"]`` is what is minimised."""
+    """Computes a batch's logits and loss parts; ``parts["loss"]`` is what is minimised.
+
+    An objective whose class sets ``uses_index = True`` is also called with
+    ``index=``: the batch's row numbers in the training split (a distillation
+    objective looks cached teacher outputs up by them).
+    """
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
@@ -205,7 +210,8 @@ def fit(
         train: training split (``x``, ``y`` tensors, kept in memory).
         config: optimizer, schedule, epochs and batch size.
         val: split evaluated after every epoch (optional).
-        objective: computes logits and loss parts; default cross-entropy.
+        objective: computes logits and loss parts; default cross-entropy. One with
+            ``uses_index = True`` also gets ``index=`` (the batch's rows in ``train``).
         seed: fixes batch order and dropout; the same seed gives the same result on CPU.
         device: ``"cpu"`` or ``"cuda"``.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 uses a grad scaler).
@@ -235,6 +241,7 @@ def fit(
     """
     dist = dist or DistContext.from_env()
     objective = objective or CrossEntropyObjective(config.label_smoothing)
+    pass_index = bool(getattr(objective, "uses_index", False))
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     device = torch.device(device)
@@ -309,7 +316,10 @@ def fit(
                 x = train.x[idx].to(device, non_blocking=True)
                 y = train.y[idx].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits, parts = objective(train_model, x, y)
+                    if pass_index:
+                        logits, parts = objective(train_model, x, y, index=idx)
+                    else:
+                        logits, parts = objective(train_model, x, y)
                 loss = parts["loss"]
                 if device.type == "cpu":
                     _check_finite(loss, stage, epoch, step)
