@@ -133,6 +133,78 @@ def test_macs_bad_input_is_model_error():
         count_macs(nn.Linear(10, 5), torch.randn(1, 7))
 
 
+def _mha_macs(b: int, length: int, e: int) -> int:
+    # Self-attention on (B, L, E) with H heads of size d = E/H (H drops out: H*d = E):
+    # in-projection (q, k, v): 3 * B*L*E*E; Q K^T per head (L x d)(d x L): B*H*L*L*d = B*L*L*E;
+    # weights V per head (L x L)(L x d): B*L*L*E; out-projection: B*L*E*E.
+    # Scaling, softmax and bias adds are elementwise and not counted.
+    return 3 * b * length * e * e + b * length * length * e + b * length * length * e + b * length * e * e
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, e: int, heads: int, need_weights: bool):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(e, heads, batch_first=True)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=self.need_weights)[0]
+
+
+@pytest.mark.parametrize("need_weights", [True, False])  # bmm path / fused CPU SDPA kernel
+def test_macs_multihead_attention_by_hand(need_weights):
+    b, length, e, heads = 2, 5, 8, 2
+    x = torch.randn(b, length, e)
+    assert count_macs(_SelfAttention(e, heads, need_weights), x) == _mha_macs(b, length, e)
+    # The module called directly (need_weights=True by default) counts the same.
+    assert count_macs(nn.MultiheadAttention(e, heads, batch_first=True), (x, x, x)) == _mha_macs(b, length, e)
+
+
+def test_macs_transformer_encoder_layer_by_hand():
+    b, length, e, heads, ff = 2, 5, 8, 2, 16
+    layer = nn.TransformerEncoderLayer(e, heads, dim_feedforward=ff, batch_first=True)
+    # Attention + the two MLP linears E -> ff -> E (LayerNorms are not counted).
+    expected = _mha_macs(b, length, e) + 2 * b * length * e * ff
+    assert count_macs(layer, torch.randn(b, length, e)) == expected
+    assert layer.training  # eval only during the count
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(e, heads, ff, batch_first=True), num_layers=2)
+    assert count_macs(encoder, torch.randn(b, length, e)) == 2 * expected
+
+
+def test_macs_vit_counts_attention_and_restores_fastpath():
+    # The vit_tiny twin of tests/test_structured.py: 8x8 input, 2x2 patches -> 16 tokens of dim 16.
+    model = create("vit_tiny", input_size=8, num_classes=4, dim=16, depth=1, heads=4, mlp_dim=16, patch_size=2)
+    tokens, dim, mlp = 16, 16, 16
+    linear_like = (
+        tokens * dim * 1 * 2 * 2  # patch conv
+        + 4 * tokens * dim * dim  # attention in- and out-projections
+        + 2 * tokens * dim * mlp  # MLP
+        + dim * 4  # head
+    )
+    attention = 2 * tokens * tokens * dim  # Q K^T and weights V
+    macs = count_macs(model, torch.randn(1, 1, 8, 8))
+    assert macs > linear_like
+    assert macs == linear_like + attention
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    try:
+        for setting in (False, True):
+            torch.backends.mha.set_fastpath_enabled(setting)
+            count_macs(model, torch.randn(1, 1, 8, 8))
+            assert torch.backends.mha.get_fastpath_enabled() is setting
+
+        class Boom(nn.Module):
+            def forward(self, x):
+                assert not torch.backends.mha.get_fastpath_enabled()  # off during the count
+                raise RuntimeError("boom")
+
+        with pytest.raises(ModelError, match="boom"):
+            count_macs(Boom(), torch.randn(1))
+        assert torch.backends.mha.get_fastpath_enabled() is True  # restored after the failure
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 # --- bytes ----------------------------------------------------------------
 
 

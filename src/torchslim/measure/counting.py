@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from torchslim.errors import ModelError
 from torchslim.prune.masks import finalize_, is_masked
@@ -107,13 +107,39 @@ def count_nonzero(model: nn.Module) -> int:
     return total
 
 
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    # The CPU fused attention kernel has no formula in FlopCounterMode; count it like the CUDA ones.
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# Ops FlopCounterMode misses, with their formulas (on shapes).
+_EXTRA_FORMULAS = {getattr(torch.ops.aten, name): _sdpa_cpu_flops
+                   for name in ("_scaled_dot_product_flash_attention_for_cpu",) if hasattr(torch.ops.aten, name)}
+
+
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool) -> Iterator[None]:
+    """Set ``torch.backends.mha``'s fast path for the block, then restore it."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass on ``example_inputs`` (whole batch).
 
     Counted by PyTorch's own ``torch.utils.flop_counter.FlopCounterMode``
     (MACs = FLOPs / 2), which counts matrix multiplies and convolutions (the
     ops that dominate): elementwise ops, BatchNorm, pooling and bias adds are
-    not counted, as in fvcore and most papers. The count is dense: zeros left
+    not counted, as in fvcore and most papers. Attention is counted too: the
+    pass runs with ``torch.backends.mha`` fast path off (restored afterwards),
+    so ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` run as
+    their projections plus scaled-dot-product attention (Q·Kᵀ and weights·V,
+    each ``B·heads·L_q·L_k·head_dim`` MACs), not as one fused kernel the
+    counter cannot see. The count is dense: zeros left
     by unstructured pruning still cost MACs on dense kernels; only channel
     pruning makes this number smaller.
 
@@ -132,9 +158,9 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """
     args, kwargs = _call_args(example_inputs)
     target = finalized_copy(model) if has_masks(model) else model
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     try:
-        with eval_mode(target), torch.no_grad(), counter:
+        with eval_mode(target), torch.no_grad(), _mha_fastpath(False), counter:
             target(*args, **kwargs)
     except Exception as exc:
         raise ModelError(f"cannot count MACs: the model failed on the example inputs: {type(exc).__name__}: {exc}") from exc

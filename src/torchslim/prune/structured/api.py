@@ -163,22 +163,10 @@ def _label(group: Any) -> str:
 
 
 def _count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    """MACs and parameters; attention is counted too.
-
-    In eval mode ``nn.MultiheadAttention`` takes a fused fast path
-    (``torch._native_multi_head_attention``) that ``FlopCounterMode`` does not
-    count, while the :class:`PrunedMultiheadAttention` that replaces it is
-    counted; the fast path is switched off while counting so both are measured alike.
-    """
+    """MACs (attention included, see :func:`~torchslim.measure.count_macs`) and parameters."""
     from torchslim.measure.counting import count_macs, count_parameters
 
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        macs = count_macs(model, example_inputs)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
-    return macs, count_parameters(model)
+    return count_macs(model, example_inputs), count_parameters(model)
 
 
 def prune_channels(
