@@ -13,7 +13,7 @@ RECIPE_KEYS = [
     "finetune", "evaluate", "export", "dataset", "root", "val_size", "train_limit", "test_limit", "download",
     "model", "preset", "factory", "args", "weights", "train", "baseline", "kd", "temperature", "alpha",
     "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule", "sparsity", "threshold", "scope",
-    "layer_types", "include", "exclude", "method", "gradual_end", "distill_from", "latency", "onnx",
+    "layer_types", "include", "exclude", "criterion", "structured", "schedule", "gradual_end", "distill_from", "latency", "onnx",
 ]
 
 scalars = st.one_of(

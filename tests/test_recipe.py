@@ -23,6 +23,7 @@ def _instance(cls: type[Config]) -> Config:
         "FinetuneStage": {"train": {"epochs": 1}},
         "Recipe": MINIMAL,
         "AGPSchedule": {"final_sparsity": 0.9, "end_step": 100},
+        "StructuredPruneStage": {"structured": True, "target_macs": 0.5},
     }
     return cls.model_validate(required.get(cls.__name__, {}))
 

@@ -9,10 +9,10 @@ registry, never as arbitrary dotted paths.
 from __future__ import annotations
 
 import contextvars
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, Callable, ClassVar, TypeVar, Union
 
 import pydantic
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 
 from torchslim.errors import ConfigError
 
@@ -22,11 +22,30 @@ _CONFIG_TYPES: dict[str, type["Config"]] = {}
 C = TypeVar("C", bound="Config")
 
 
+#: Tags of :func:`tagged_union` choices start with this, so error paths can leave them out.
+_TAG_MARK = "@"
+
+
+def tagged_union(choices: dict[str, type], pick: Callable[[Any], str], message: str) -> Any:
+    """A pydantic field type that is one of ``choices``, chosen by ``pick(value) -> name``.
+
+    Unlike a plain ``Union`` the error names only the chosen config's problem, and the
+    key path stays as the user wrote it (``prune.sparsity``, not ``prune.unstructured.sparsity``).
+    ``pick`` gets the raw mapping or an already built config; ``message`` is the error when
+    it picks no known name.
+    """
+    members = tuple(Annotated[cls, Tag(_TAG_MARK + name)] for name, cls in choices.items())
+    return Annotated[Union[members], Discriminator(lambda value: _TAG_MARK + pick(value),
+                                                   custom_error_type="config_choice",
+                                                   custom_error_message=message)]
+
+
 def format_validation_error(exc: pydantic.ValidationError, prefix: str = "") -> str:
     """Turn a pydantic error into lines that each name the offending key path."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
+        parts = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(_TAG_MARK))]
+        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + parts)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and its section)"

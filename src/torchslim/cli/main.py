@@ -61,6 +61,48 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from torchslim.pipeline import recipe_sensitivity
+
+    if args.run and (args.recipe or args.set):
+        raise TorchSlimError("--run analyses a run folder with its own recorded recipe; give no RECIPE or --set")
+    if not args.run and not args.recipe:
+        raise TorchSlimError("give a RECIPE file, or --run RUN_DIR")
+    result, folder = recipe_sensitivity(args.recipe, out=args.out, run_dir=args.run, overrides=args.set,
+                                        sparsities=args.sparsities, max_samples=args.max_samples)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(f"run folder: {folder}")
+    print(result.table())
+    print(f"\nwritten: {folder / 'sensitivity_sweep.md'}, {folder / 'sensitivity_sweep.json'}, "
+          f"{folder / 'plots/sensitivity_sweep.png'}")
+    if args.target is not None:
+        allocation = result.layer_sparsities(args.target)
+        print(f"\n# per-layer sparsities for {100 * args.target:g}% overall (robust layers pruned more); under "
+              "'prune:' use them as\nscope: layer\noverrides:")
+        for name, value in allocation.items():
+            print(f"  {name}: {value:.4f}")
+        print("# or let the recipe do this itself with 'prune: {sensitivity: {}}'")
+    return 0
+
+
+def _sparsity_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sparsities like 0.5,0.9, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), got {text!r}")
+    return value
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     import torchslim.models as models
 
@@ -103,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     validate.add_argument("--show", action="store_true", help="print the fully resolved recipe")
     validate.set_defaults(func=_cmd_validate)
+
+    sens = sub.add_parser("sensitivity", help="prune each layer alone at a sweep of sparsities and measure accuracy")
+    sens.add_argument("recipe", nargs="?", help="YAML recipe: its stages before 'prune' make the model analysed")
+    sens.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe value")
+    sens.add_argument("--out", help="run folder (default runs/<name>-<timestamp>)")
+    sens.add_argument("--run", metavar="RUN_DIR", help="analyse in an existing run folder, reusing its finished stages")
+    sens.add_argument("--sparsities", type=_sparsity_list, help="comma-separated sweep (default: the recipe's, "
+                      "or 0.3,0.5,0.7,0.8,0.9,0.95,0.98)")
+    sens.add_argument("--max-samples", type=int, help="validation samples per measurement")
+    sens.add_argument("--target", type=_fraction, help="also print per-layer sparsities reaching this overall sparsity")
+    sens.set_defaults(func=_cmd_sensitivity)
 
     models = sub.add_parser("models", help="list the model presets")
     models.set_defaults(func=_cmd_models)

@@ -20,11 +20,11 @@ for reports.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Field, field_validator
 
-from torchslim.config import Config
+from torchslim.config import Config, tagged_union
 
 #: The range a config accepts; the pure loss functions accept more (see ``losses``).
 TEMPERATURE_RANGE = (0.1, 100.0)
@@ -125,11 +125,7 @@ def _logits_method(value: Any) -> str:
     return value.get("method", "kd") if isinstance(value, dict) else getattr(value, "method", "kd")
 
 
-LogitsConfig = Annotated[
-    Union[Annotated[KDConfig, Tag("kd")], Annotated[DKDConfig, Tag("dkd")]],
-    Discriminator(_logits_method, custom_error_type="logits_method",
-                  custom_error_message="logits.method must be 'kd' or 'dkd'"),
-]
+LogitsConfig = tagged_union({"kd": KDConfig, "dkd": DKDConfig}, _logits_method, "logits.method must be 'kd' or 'dkd'")
 
 
 class DistillConfig(Config):

@@ -18,10 +18,12 @@ import pydantic
 import yaml
 from pydantic import Field, model_validator
 
-from torchslim.config import _NESTING, Config, format_validation_error
-from torchslim.distill import KDConfig
+from torchslim.config import _NESTING, Config, format_validation_error, tagged_union
+from torchslim.distill import DistillConfig, KDConfig
+from torchslim.distill.configs import as_distill_config
 from torchslim.errors import ConfigError
-from torchslim.prune import MagnitudePruning
+from torchslim.prune import IterativeSchedule, UnstructuredPruning
+from torchslim.prune.structured import ChannelPruning
 from torchslim.train import TrainConfig
 
 
@@ -88,39 +90,141 @@ class StudentStage(Config):
     baseline: TrainConfig | None = None
 
 
+def _distillation(section: Config) -> DistillConfig:
+    """A section's distillation objective: ``objective`` when given, else its ``kd`` wrapped."""
+    if section.objective is not None:
+        return section.objective
+    return as_distill_config(section.kd if section.kd is not None else KDConfig())
+
+
+def _kd_or_objective(section: Config) -> Config:
+    if section.kd is not None and section.objective is not None:
+        raise ValueError("set 'kd' (Hinton KD) or 'objective' (any distillation objective), not both")
+    return section
+
+
 class DistillStage(Config):
-    """Distill the teacher into the student."""
-
-    kd: KDConfig = Field(default_factory=KDConfig)
-    train: TrainConfig
-
-
-class PruneStage(MagnitudePruning):
-    """Unstructured magnitude pruning of the model produced so far (masks).
+    """Distill the teacher into the student.
 
     Attributes:
-        method: the importance criterion (``magnitude``).
+        kd: Hinton KD's temperature and alpha (the short form; default T = 4, alpha = 0.1
+            when neither ``kd`` nor ``objective`` is given).
+        objective: any distillation objective (:class:`~torchslim.distill.DistillConfig`:
+            ``logits`` KD or DKD, ``hints``, ``attention``, ``teacher_outputs`` cached or
+            online); replaces ``kd``.
+        train: optimizer, schedule and epochs.
+    """
+
+    kd: KDConfig | None = None
+    objective: DistillConfig | None = None
+    train: TrainConfig
+
+    _one_objective = model_validator(mode="after")(_kd_or_objective)
+
+    def distillation(self) -> DistillConfig:
+        """The objective this stage trains with."""
+        return _distillation(self)
+
+
+class SensitivitySection(Config):
+    """Per-layer sparsities from a sensitivity analysis of the unpruned model.
+
+    Each layer is pruned alone at every sparsity of ``sparsities`` and the
+    validation accuracy measured; the robust layers are then pruned more than the
+    sensitive ones so that the total is still the stage's ``sparsity``.
+
+    Attributes:
+        sparsities: the sweep, strictly increasing in (0, 1).
+        max_samples: validation samples per measurement (None: all).
+    """
+
+    sparsities: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98], min_length=1)
+    max_samples: int | None = Field(2000, ge=1)
+
+
+class UnstructuredPruneStage(UnstructuredPruning):
+    """Unstructured pruning (masks) of the model produced so far.
+
+    Every option of :class:`~torchslim.prune.UnstructuredPruning` (``criterion``,
+    ``sparsity``/``threshold``/``han_quality``/``n_m``, ``scope``, ``overrides``,
+    ``min_kept``, ``exclude_first_last``, ...) plus the schedule.
+
+    Attributes:
+        structured: ``false`` (the default): masks, not removed channels.
         schedule: ``oneshot`` prunes once before fine-tuning; ``gradual`` ramps the
-            sparsity during fine-tuning along Zhu & Gupta's AGP schedule.
+            sparsity during fine-tuning along Zhu & Gupta's AGP schedule; ``iterative``
+            runs prune → retrain rounds (Han et al.) that share the fine-tuning epochs.
+        gradual_start: with ``gradual``, the fraction of the fine-tuning steps at which
+            pruning starts.
         gradual_end: with ``gradual``, the fraction of the fine-tuning steps by which
             the final sparsity is reached (the rest fine-tunes at that sparsity).
         gradual_frequency: with ``gradual``, optimizer steps between mask updates.
+        iterative: with ``iterative``: ``rounds``, ``ramp`` and ``rewind_epoch``
+            (lottery-ticket style rewinding); ``finetune.train.epochs`` is split evenly
+            between the rounds.
+        sensitivity: set it to choose per-layer sparsities from a sensitivity analysis.
     """
 
-    method: Literal["magnitude"] = "magnitude"
-    schedule: Literal["oneshot", "gradual"] = "oneshot"
+    structured: Literal[False] = False
+    schedule: Literal["oneshot", "gradual", "iterative"] = "oneshot"
+    gradual_start: float = Field(0.0, ge=0.0, lt=1.0)
     gradual_end: float = Field(0.5, gt=0.0, le=1.0)
     gradual_frequency: int = Field(50, ge=1)
+    iterative: IterativeSchedule = Field(default_factory=IterativeSchedule)
+    sensitivity: SensitivitySection | None = None
 
     @model_validator(mode="after")
-    def _gradual_needs_sparsity(self) -> "PruneStage":
-        if self.schedule == "gradual" and self.sparsity is None:
-            raise ValueError("schedule 'gradual' needs a target 'sparsity' (not a threshold)")
+    def _schedule_fits_target(self) -> "UnstructuredPruneStage":
+        if self.schedule != "oneshot" and self.target != "sparsity":
+            raise ValueError(f"schedule {self.schedule!r} ramps a target 'sparsity' (this stage is set by "
+                             f"{self.target!r})")
+        if self.sensitivity is not None and self.target != "sparsity":
+            raise ValueError("'sensitivity' allocates a target 'sparsity' between layers: set 'sparsity'")
+        if self.gradual_start >= self.gradual_end:
+            raise ValueError(f"gradual_start ({self.gradual_start}) must be before gradual_end ({self.gradual_end})")
         return self
 
-    def pruning_config(self) -> MagnitudePruning:
+    def pruning_config(self) -> UnstructuredPruning:
         """The library config this stage applies."""
-        return MagnitudePruning(**self.model_dump(exclude={"method", "schedule", "gradual_end", "gradual_frequency"}))
+        return UnstructuredPruning(**self.model_dump(exclude=set(_STAGE_ONLY)))
+
+
+_STAGE_ONLY = ("structured", "schedule", "gradual_start", "gradual_end", "gradual_frequency", "iterative",
+               "sensitivity")
+
+
+class StructuredPruneStage(ChannelPruning):
+    """Structured pruning: channels, neurons and heads physically removed.
+
+    Every option of :class:`~torchslim.prune.structured.ChannelPruning` (``ratio``,
+    ``target_macs``, ``target_params``, ``importance``, ``steps``, ``round_to``,
+    ``scope``, ``overrides``, ``exclude``, ...).
+
+    Attributes:
+        structured: ``true``.
+        finetune_epochs_between_steps: with ``steps`` > 1, epochs of fine-tuning after
+            every step but the last (with the ``finetune`` section's optimizer and teacher);
+            the ``finetune`` stage then fine-tunes the final model.
+    """
+
+    structured: Literal[True]
+    finetune_epochs_between_steps: int = Field(0, ge=0)
+
+    def pruning_config(self) -> ChannelPruning:
+        """The library config this stage applies."""
+        return ChannelPruning(**self.model_dump(exclude={"structured", "finetune_epochs_between_steps"}))
+
+
+def _prune_kind(value: Any) -> str:
+    structured = value.get("structured", False) if isinstance(value, dict) else getattr(value, "structured", False)
+    if not isinstance(structured, bool):
+        return "not-a-bool"  # no such choice: the union's own message names the key
+    return "structured" if structured else "unstructured"
+
+
+#: The ``prune`` section: ``structured: true`` selects channel pruning, otherwise masks.
+PruneStage = tagged_union({"unstructured": UnstructuredPruneStage, "structured": StructuredPruneStage}, _prune_kind,
+                          "prune: 'structured' must be true or false")
 
 
 class FinetuneStage(Config):
@@ -130,12 +234,20 @@ class FinetuneStage(Config):
         train: optimizer, schedule and epochs.
         distill_from: ``unpruned`` (the model before pruning, as teacher), ``teacher``
             (the recipe's teacher) or ``none`` (labels only).
-        kd: temperature and alpha when distilling.
+        kd: temperature and alpha when distilling (the short form).
+        objective: any distillation objective, replacing ``kd`` (see ``distill.objective``).
     """
 
     train: TrainConfig
     distill_from: Literal["none", "teacher", "unpruned"] = "unpruned"
-    kd: KDConfig = Field(default_factory=KDConfig)
+    kd: KDConfig | None = None
+    objective: DistillConfig | None = None
+
+    _one_objective = model_validator(mode="after")(_kd_or_objective)
+
+    def distillation(self) -> DistillConfig:
+        """The objective used when ``distill_from`` is not ``none``."""
+        return _distillation(self)
 
 
 class EvaluateStage(Config):
@@ -190,7 +302,7 @@ class Recipe(Config):
     teacher: TeacherStage | None = None
     student: StudentStage | None = None
     distill: DistillStage | None = None
-    prune: PruneStage | None = None
+    prune: PruneStage | None = None  # type: ignore[valid-type]
     finetune: FinetuneStage | None = None
     evaluate: EvaluateStage = Field(default_factory=EvaluateStage)
     export: ExportStage = Field(default_factory=ExportStage)
@@ -201,8 +313,16 @@ class Recipe(Config):
             raise ValueError("a recipe needs a 'teacher' or a 'student' section")
         if self.distill is not None and (self.teacher is None or self.student is None):
             raise ValueError("'distill' needs both a 'teacher' and a 'student' section")
-        if self.prune is not None and self.prune.schedule == "gradual" and self.finetune is None:
-            raise ValueError("prune.schedule 'gradual' prunes during fine-tuning: add a 'finetune' section")
+        p = self.prune
+        if isinstance(p, UnstructuredPruneStage) and p.schedule != "oneshot" and self.finetune is None:
+            raise ValueError(f"prune.schedule {p.schedule!r} prunes while fine-tuning: add a 'finetune' section")
+        if isinstance(p, UnstructuredPruneStage) and p.schedule == "iterative" and self.finetune is not None:
+            rounds, epochs = p.iterative.rounds, self.finetune.train.epochs
+            if epochs % rounds:
+                raise ValueError(f"prune.iterative.rounds ({rounds}) must divide finetune.train.epochs ({epochs}): "
+                                 "the rounds share the fine-tuning epochs evenly")
+        if isinstance(p, StructuredPruneStage) and p.finetune_epochs_between_steps and self.finetune is None:
+            raise ValueError("prune.finetune_epochs_between_steps uses the 'finetune' section's optimizer: add one")
         if self.finetune is not None and self.prune is None:
             raise ValueError("'finetune' fine-tunes a pruned model: add a 'prune' section")
         if self.finetune is not None and self.finetune.distill_from == "teacher" and self.teacher is None:

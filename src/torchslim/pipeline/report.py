@@ -54,41 +54,12 @@ def write_report(run: RunDir, recipe: Recipe, summary: dict[str, Any], metrics: 
            results_table(summary["rows"]), ""]
 
     if "distilled" in rows:
-        kd = summary["distill"]["kd"]
-        out += ["## Distillation", "",
-                f"Hinton KD, T = {kd['temperature']}, α = {kd['alpha']} (weight of the label loss), "
-                f"{summary['distill']['epochs']} epochs."]
-        if "student_alone" in rows:
-            gain = rows["distilled"]["accuracy"] - rows["student_alone"]["accuracy"]
-            out.append(f"Gain over the same student trained alone for the same epochs: {100 * gain:+.2f} points.")
-        if "teacher" in rows and "student_alone" in rows:
-            gap = rows["teacher"]["accuracy"] - rows["student_alone"]["accuracy"]
-            if gap > 0:
-                out.append(f"Teacher–student gap recovered: {100 * gain / gap:.0f}%.")
-        out.append("")
-
+        out += _distillation_section(summary["distill"], rows, metrics)
     if "pruning" in summary:
-        p = summary["pruning"]
-        cfg = p["config"]
-        target = f"sparsity {cfg['sparsity']}" if cfg.get("sparsity") is not None else f"threshold {cfg['threshold']}"
-        schedule = ("one-shot, then fine-tuned" if p.get("schedule", "oneshot") == "oneshot"
-                    else "gradual (AGP, Zhu & Gupta) during fine-tuning")
-        out += ["## Pruning", "",
-                f"Magnitude pruning, {schedule}, {cfg['scope']} scope, {target}, layer types {', '.join(cfg['layer_types'])}"
-                + (f", excluded {', '.join(cfg['exclude'])}" if cfg["exclude"] else "")
-                + (f", only {', '.join(cfg['include'])}" if cfg["include"] else "")
-                + f". Reached {100 * p['global_sparsity']:.2f}% sparsity over the pruned layers.", ""]
-        if "finetuned" in rows:
-            ref = rows.get("distilled") or rows.get("student_alone")
-            if ref is not None:
-                drop = rows["finetuned"]["accuracy"] - ref["accuracy"]
-                out.append(f"Fine-tuned pruned model vs. unpruned: {100 * drop:+.2f} points; file "
-                           f"{ref['file_bytes'] / max(rows['finetuned']['file_bytes'], 1):.1f}× smaller.")
-                out.append("")
-        out += ["| layer | weights | zeros | sparsity |", "|---|---|---|---|"]
-        for name, s in p["layers"].items():
-            out.append(f"| {name} | {s['total']:,} | {s['zeros']:,} | {100 * s['sparsity']:.1f}% |")
-        out.append("")
+        if summary["pruning"].get("structured"):
+            out += _structured_section(summary["pruning"], rows)
+        else:
+            out += _unstructured_section(summary["pruning"], rows, metrics)
 
     exp = summary.get("export", {})
     if exp:
@@ -100,8 +71,130 @@ def write_report(run: RunDir, recipe: Recipe, summary: dict[str, Any], metrics: 
 
     out += ["## Time", "", "| stage | seconds |", "|---|---|"]
     out += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
-    out += ["", "Plots: `plots/training_curves.png`" + (", `plots/layer_sparsity.png`" if "pruning" in summary else "") + ".", ""]
+    plots = sorted(p.name for p in (run.root / "plots").glob("*.png")) if (run.root / "plots").is_dir() else []
+    out += ["", "Plots: " + ", ".join(f"`plots/{name}`" for name in plots) + ".", ""]
     atomic_write_text(run.root / "report.md", "\n".join(out))
+
+
+def _unpruned_row(rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The model the prune stage started from."""
+    return rows.get("distilled") or rows.get("student_alone") or rows.get("teacher")
+
+
+def _loss_parts(metrics: list[dict[str, Any]], stage: str) -> dict[str, list[float]]:
+    """Per-epoch values of every ``train_<part>_loss`` logged by ``stage``."""
+    parts: dict[str, list[float]] = {}
+    for m in metrics:
+        if m.get("stage") == stage and "epoch" in m:
+            for key, value in m.items():
+                if key.startswith("train_") and key.endswith("_loss"):
+                    name = key.removeprefix("train_")
+                    parts.setdefault("total" if name == "loss" else name, []).append(value)
+    return parts
+
+
+def _distillation_section(d: dict[str, Any], rows: dict[str, dict[str, Any]],
+                          metrics: list[dict[str, Any]]) -> list[str]:
+    names = {"kd": "Hinton KD", "dkd": "Decoupled KD (DKD)", "hints": "FitNets hints", "attention": "attention transfer"}
+    method = " + ".join(names.get(m, m) for m in d["method"].split("+"))
+    line = f"{method}, T = {d['temperature']}"
+    if "alpha" in d:
+        line += f", α = {d['alpha']} (weight of the label loss)"
+    line += ", loss weights " + ", ".join(f"{k} {v:g}" for k, v in d["weights"].items())
+    line += f"; {d['epochs']} epochs"
+    if d.get("teacher_outputs_used"):
+        line += f"; teacher outputs {d['teacher_outputs_used']}"
+        line += " (computed once, reused every epoch)" if d["teacher_outputs_used"] == "cached" else " (every batch)"
+    out = ["## Distillation", "", line + "."]
+    for key in ("hint_layers", "attention_layers"):
+        if key in d:
+            out.append(f"{'Hint' if key == 'hint_layers' else 'Attention'} pairs (student → teacher): "
+                       + ", ".join(f"`{s}` → `{t}`" for s, t in d[key].items()) + ".")
+    if "student_alone" in rows:
+        gain = rows["distilled"]["accuracy"] - rows["student_alone"]["accuracy"]
+        out.append(f"Gain over the same student trained alone for the same epochs: {100 * gain:+.2f} points.")
+        if "teacher" in rows:
+            gap = rows["teacher"]["accuracy"] - rows["student_alone"]["accuracy"]
+            if gap > 0:
+                out.append(f"Teacher–student gap recovered: {100 * gain / gap:.0f}%.")
+    parts = _loss_parts(metrics, "distilled")
+    if parts:
+        out += ["", "Loss parts (first → last epoch; curves in `plots/distill_loss_parts.png`):", "",
+                "| part | first epoch | last epoch |", "|---|---:|---:|"]
+        out += [f"| {name} | {values[0]:.4f} | {values[-1]:.4f} |" for name, values in parts.items()]
+    out.append("")
+    return out
+
+
+def _unstructured_section(p: dict[str, Any], rows: dict[str, dict[str, Any]],
+                          metrics: list[dict[str, Any]]) -> list[str]:
+    out = ["## Pruning", "", p["description"],
+           f"Reached {100 * p['global_sparsity']:.2f}% sparsity over the pruned layers."]
+    if p.get("exclusions"):
+        out.append("Left unpruned by the selection: " + ", ".join(f"`{n}`" for n in p["exclusions"]) + ".")
+    if "sensitivity" in p:
+        out.append("Per-layer sparsities chosen from a sensitivity analysis (`sensitivity.md`, "
+                   "`plots/sensitivity.png`): " + ", ".join(f"`{k}` {100 * v:.1f}%"
+                                                            for k, v in p["sensitivity"]["allocated"].items()) + ".")
+    ref = _unpruned_row(rows)
+    if "finetuned" in rows and ref is not None:
+        drop = rows["finetuned"]["accuracy"] - ref["accuracy"]
+        out.append(f"Fine-tuned pruned model vs. unpruned: {100 * drop:+.2f} points; file "
+                   f"{ref['file_bytes'] / max(rows['finetuned']['file_bytes'], 1):.1f}× smaller.")
+    rounds = [m for m in metrics if m.get("stage") == "prune" and m.get("event") == "round"]
+    if rounds:
+        out += ["", "| round | target sparsity | reached |", "|---:|---:|---:|"]
+        out += [f"| {r['round']} | {100 * r['target_sparsity']:.2f}% | {100 * r['global_sparsity']:.2f}% |"
+                for r in rounds]
+    out += ["", p["table"], ""]
+    return out
+
+
+def _structured_section(p: dict[str, Any], rows: dict[str, dict[str, Any]]) -> list[str]:
+    cfg, report = p["config"], p.get("report", {})
+    if cfg.get("target_macs") is not None:
+        target = f"target: keep {100 * cfg['target_macs']:.0f}% of the MACs"
+    elif cfg.get("target_params") is not None:
+        target = f"target: {cfg['target_params']:,} parameters"
+    else:
+        target = f"ratio {cfg['ratio']} of the channels"
+    line = (f"Channels removed physically (a smaller dense model, no masks): importance `{cfg['importance']}`, "
+            f"{target}, {cfg['scope']} scope, {cfg['steps']} step{'s' if cfg['steps'] != 1 else ''}, "
+            f"channel counts rounded to a multiple of {cfg['round_to']}")
+    if p.get("between_steps_epochs"):
+        line += f", {p['between_steps_epochs']} fine-tuning epochs between steps"
+    out = ["## Structured pruning", "", line + "."]
+    if report:
+        out.append(f"MACs {_human(report['macs_before'])} → {_human(report['macs_after'])} "
+                   f"({report['macs_before'] / max(report['macs_after'], 1):.2f}× fewer), parameters "
+                   f"{report['params_before']:,} → {report['params_after']:,} "
+                   f"({report['params_before'] / max(report['params_after'], 1):.2f}× fewer)"
+                   + ("" if report.get("target_met", True) else "; **the target was not reached**") + ".")
+    ref, pruned = _unpruned_row(rows), rows.get("finetuned") or rows.get("pruned")
+    if ref is not None and pruned is not None:
+        macs_ratio = pruned["macs"] / max(ref["macs"], 1)
+        out += ["", "| measure | unpruned | pruned | pruned / unpruned |", "|---|---:|---:|---:|"]
+        out.append(f"| accuracy | {100 * ref['accuracy']:.2f}% | {100 * pruned['accuracy']:.2f}% | "
+                   f"{100 * (pruned['accuracy'] - ref['accuracy']):+.2f} points |")
+        out.append(f"| MACs | {_human(ref['macs'])} | {_human(pruned['macs'])} | {macs_ratio:.3f} |")
+        out.append(f"| params | {ref['params']:,} | {pruned['params']:,} | {pruned['params'] / max(ref['params'], 1):.3f} |")
+        out.append(f"| bytes on disk | {_bytes(ref['file_bytes'])} | {_bytes(pruned['file_bytes'])} | "
+                   f"{pruned['file_bytes'] / max(ref['file_bytes'], 1):.3f} |")
+        for b, t in ref.get("latency_ms", {}).items():
+            if b in pruned.get("latency_ms", {}):
+                ratio = pruned["latency_ms"][b] / t
+                out.append(f"| latency b={b} (ms) | {t:.3f} | {pruned['latency_ms'][b]:.3f} | {ratio:.3f} "
+                           f"({ratio / macs_ratio:.2f}× the MACs ratio) |")
+    if report.get("unsupported"):
+        out += ["", "Left unpruned because the dependency graph cannot see through them:"]
+        out += [f"- {item}" for item in report["unsupported"]]
+    if report.get("steps"):
+        out += ["", "| step | MACs | params | channels removed |", "|---:|---:|---:|---|"]
+        for st in report["steps"]:
+            removed = ", ".join(f"{k}: {v}" for k, v in st["removed"].items() if v) or "none"
+            out.append(f"| {st['step']} | {_human(st['macs'])} | {st['params']:,} | {removed} |")
+    out.append("")
+    return out
 
 
 def write_plots(run: RunDir, metrics: list[dict[str, Any]], summary: dict[str, Any]) -> None:
@@ -125,7 +218,18 @@ def write_plots(run: RunDir, metrics: list[dict[str, Any]], summary: dict[str, A
         fig.tight_layout()
         atomic_write_with(run.plot("training_curves.png"), lambda p: fig.savefig(p, dpi=100, format="png"))
         plt.close(fig)
-    if "pruning" in summary:
+    parts = _loss_parts(metrics, "distilled")
+    if parts:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, values in parts.items():
+            ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+        ax.set(title="distillation loss parts", xlabel="epoch", ylabel="loss (unweighted)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        atomic_write_with(run.plot("distill_loss_parts.png"), lambda p: fig.savefig(p, dpi=100, format="png"))
+        plt.close(fig)
+    if "pruning" in summary and "layers" in summary["pruning"]:
         layers = summary["pruning"]["layers"]
         fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(layers) + 2), 4))
         ax.bar(range(len(layers)), [100 * s["sparsity"] for s in layers.values()])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 import sys
 import time
@@ -19,26 +20,49 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from torchslim import data as ts_data
 from torchslim import export as ts_export
 from torchslim import measure as ts_measure
 from torchslim import models as ts_models
-from torchslim.distill import KDObjective
+from torchslim.atomic import atomic_write_with
+from torchslim.distill import DistillConfig, DistillObjective
+from torchslim.distill.kd import prepare_teacher_cache
 from torchslim.errors import ConfigError, ModelError
-from torchslim.pipeline.recipe import ModelRef, Recipe, load_recipe, recipe_to_yaml
+from torchslim.pipeline.recipe import (
+    ModelRef,
+    Recipe,
+    SensitivitySection,
+    StructuredPruneStage,
+    UnstructuredPruneStage,
+    load_recipe,
+    recipe_to_yaml,
+)
 from torchslim.pipeline.report import write_plots, write_report
 from torchslim.pipeline.rundir import RunDir
 from torchslim.prune import (
     AGPSchedule,
-    MagnitudePruning,
+    SensitivityConfig,
+    SensitivityResult,
+    UnstructuredPruning,
+    WeightSnapshot,
+    at_sparsity,
     finalize_,
     global_sparsity,
     gradual_pruning_hook,
     layer_sparsity,
     masked_layers,
     prune_,
+    pruning_layers,
+    pruning_summary,
+    rewind_,
+    select_layers,
+    sensitivity_analysis,
+    snapshot_weights,
 )
+from torchslim.prune.structured import prune_channels
+from torchslim.prune.structured.api import REPORT_ATTR
 from torchslim.train import Objective, TrainConfig, atomic_write_text, evaluate, fit
 from torchslim.train.loop import count_steps
 from torchslim.train.distributed import barrier, broadcast_object, init_distributed, shutdown
@@ -50,6 +74,10 @@ MODEL_ROWS: dict[str, str] = {
     "distilled": "student, distilled",
     "pruned": "pruned one-shot, not fine-tuned",
     "finetuned": "pruned + fine-tuned",
+}
+STRUCTURED_LABELS: dict[str, str] = {
+    "pruned": "channels removed, not fine-tuned",
+    "finetuned": "channels removed + fine-tuned",
 }
 
 
@@ -137,12 +165,17 @@ class Runner:
         return self.run.model(stage).is_file()
 
     def _fit(self, model: nn.Module, stage: str, config: TrainConfig, objective: Objective | None, seed: int,
-             on_step_end: Callable[[int], None] | None = None) -> None:
+             on_step_end: Callable[[int], None] | None = None,
+             on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> None:
+        also = on_epoch_end
+
         def on_epoch_end(record: dict[str, Any]) -> None:
             self.metrics = [m for m in self.metrics
                             if not (m.get("stage") == stage and m.get("epoch", 0) >= record["epoch"])] + [record]
             if self.dist.is_main:
                 self.run.write_metrics(self.metrics)
+            if also is not None:
+                also(record)
 
         started = time.perf_counter()
         history = fit(model, self.splits.train, config, val=self.splits.val, objective=objective, seed=seed,
@@ -167,10 +200,8 @@ class Runner:
         return model
 
     # ------------------------------------------------------------------ stages
-    def execute(self) -> dict[str, Any]:
-        """Run every stage of the recipe; returns the summary also written to ``summary.json``."""
+    def _load_data(self) -> None:
         recipe = self.recipe
-        started = time.perf_counter()
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         d = recipe.data
@@ -180,6 +211,41 @@ class Runner:
         _log(f"data: {d.dataset}: {len(self.splits.train.y)} train, {len(self.splits.val.y)} val, "
              f"{len(self.splits.test.y)} test samples, input {tuple(self.splits.input_shape)}")
 
+    def _teacher_cache(self, teacher: nn.Module, config: DistillConfig, train_config: TrainConfig) -> Any:
+        """The teacher's cached outputs (built once per teacher and data, kept in ``cache/``), or None."""
+        def build() -> Any:
+            return prepare_teacher_cache(teacher, self.splits.train, config, train_config,
+                                         cache_dir=self.run.root / "cache", log=_log)
+
+        if self.dist.world_size == 1:
+            return build()
+        # Rank 0 writes the cache file; the others then read it instead of racing to write it.
+        cache = build() if self.dist.is_main else None
+        barrier(self.dist)
+        return cache if self.dist.is_main else build()
+
+    def _distill_fit(self, model: nn.Module, teacher: nn.Module, config: DistillConfig, train_config: TrainConfig,
+                     stage: str, seed: int, *, cache: Any = "build",
+                     on_step_end: Callable[[int], None] | None = None,
+                     on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Train ``model`` on ``config``'s distillation objective from ``teacher`` (frozen)."""
+        teacher.eval()  # a teacher fresh from training is in train mode; distillation freezes it
+        if cache == "build":
+            cache = self._teacher_cache(teacher, config, train_config)
+        example = self.splits.train.x[:2].to(self.device)
+        with DistillObjective(model, teacher, config, example=example, teacher_cache=cache,
+                              label_smoothing=train_config.label_smoothing) as objective:
+            self._fit(model, stage, train_config, objective, seed, on_step_end=on_step_end, on_epoch_end=on_epoch_end)
+        self._record({"stage": stage, "event": "teacher_outputs", "mode": objective.teacher_outputs})
+
+    def _prepare(self) -> tuple[dict[str, nn.Module], nn.Module | None, nn.Module]:
+        """Data, teacher, student baseline and distillation: everything before pruning.
+
+        Returns the models produced so far, the teacher (or None) and the model the
+        prune stage starts from.
+        """
+        recipe = self.recipe
+        self._load_data()
         produced: dict[str, nn.Module] = {}
         teacher = None
         if recipe.teacher is not None:
@@ -213,57 +279,24 @@ class Runner:
             if recipe.distill is not None:
                 def make_distilled() -> nn.Module:
                     model = copy.deepcopy(student_init)
-                    objective = KDObjective(teacher.eval(), recipe.distill.kd, recipe.distill.train.label_smoothing)
                     # Same seed as the baseline: same batches, so the comparison is fair.
-                    self._fit(model, "distilled", recipe.distill.train, objective, recipe.seed + 2)
+                    self._distill_fit(model, teacher, recipe.distill.distillation(), recipe.distill.train,
+                                      "distilled", recipe.seed + 2)
                     return model
 
                 subject = produced["distilled"] = self._stage("distilled", make_distilled)
+        return produced, teacher, subject
 
-        if recipe.prune is not None:
-            unpruned = subject
-            p = recipe.prune
-            gradual = p.schedule == "gradual"
-
-            def make_pruned() -> nn.Module:
-                model = copy.deepcopy(unpruned)
-                prune_(model, p.pruning_config())
-                return model
-
-            # The "pruned" row is always the one-shot cut to the target, before any
-            # fine-tuning; with the gradual schedule fine-tuning starts from the unpruned
-            # model instead and reaches the target along the AGP ramp.
-            pruned = produced["pruned"] = self._stage("pruned", make_pruned)
-            sparsity = layer_sparsity(pruned, masked_layers(pruned))
-            self._record({"stage": "prune", "event": "pruned",
-                          "global_sparsity": global_sparsity(pruned, masked_layers(pruned)),
-                          "layers": {k: v["sparsity"] for k, v in sparsity.items()}})
-            subject = pruned
-            if recipe.finetune is not None:
-                f = recipe.finetune
-
-                def make_finetuned() -> nn.Module:
-                    if gradual:
-                        model = copy.deepcopy(unpruned)
-                        prune_(model, MagnitudePruning(**{**p.pruning_config().model_dump(), "sparsity": 0.0}))
-                    else:
-                        model = copy.deepcopy(pruned)
-                    objective = None
-                    if f.distill_from != "none":
-                        source = unpruned if f.distill_from == "unpruned" else teacher
-                        objective = KDObjective(copy.deepcopy(source).eval(), f.kd, f.train.label_smoothing)
-                    on_step_end = None
-                    if gradual:
-                        total = f.train.epochs * count_steps(len(self.splits.train.y), f.train.batch_size,
-                                                             self.dist.world_size)
-                        schedule = AGPSchedule(final_sparsity=p.sparsity, start_step=0,
-                                               end_step=max(1, round(p.gradual_end * total)),
-                                               frequency=p.gradual_frequency)
-                        on_step_end = gradual_pruning_hook(model, p.pruning_config(), schedule)
-                    self._fit(model, "finetuned", f.train, objective, recipe.seed + 3, on_step_end=on_step_end)
-                    return model
-
-                subject = produced["finetuned"] = self._stage("finetuned", make_finetuned)
+    def execute(self) -> dict[str, Any]:
+        """Run every stage of the recipe; returns the summary also written to ``summary.json``."""
+        recipe = self.recipe
+        started = time.perf_counter()
+        produced, teacher, subject = self._prepare()
+        pruning_summary_: dict[str, Any] | None = None
+        if isinstance(recipe.prune, StructuredPruneStage):
+            subject, pruning_summary_ = self._prune_structured(subject, teacher, produced)
+        elif recipe.prune is not None:
+            subject, pruning_summary_ = self._prune_unstructured(subject, teacher, produced)
 
         rows = self._evaluate(produced)
         export = self._export(subject)
@@ -274,16 +307,11 @@ class Runner:
             "export": export,
             "timings_s": {**self.timings, "total": time.perf_counter() - started},
         }
-        if recipe.prune is not None:
-            pruned_model = produced["finetuned"] if "finetuned" in produced else produced["pruned"]
-            summary["pruning"] = {
-                "config": recipe.prune.pruning_config().to_dict(),
-                "schedule": recipe.prune.schedule,
-                "global_sparsity": global_sparsity(pruned_model, masked_layers(pruned_model)),
-                "layers": layer_sparsity(pruned_model, masked_layers(pruned_model)),
-            }
+        if pruning_summary_ is not None:
+            summary["pruning"] = pruning_summary_
         if recipe.distill is not None:
-            summary["distill"] = {"kd": recipe.distill.kd.to_dict(), "epochs": recipe.distill.train.epochs}
+            summary["distill"] = {**recipe.distill.distillation().describe(), "epochs": recipe.distill.train.epochs,
+                                  "teacher_outputs_used": self._teacher_outputs_used("distilled")}
         if self.dist.is_main:
             self.run.write_json("summary.json", summary)
             write_plots(self.run, self.metrics, summary)
@@ -291,13 +319,228 @@ class Runner:
         _log(f"done in {summary['timings_s']['total']:.0f}s: {self.run.root / 'report.md'}")
         return summary
 
+    def _teacher_outputs_used(self, stage: str) -> str | None:
+        used = [m["mode"] for m in self.metrics if m.get("stage") == stage and m.get("event") == "teacher_outputs"]
+        return used[-1] if used else None
+
+    # ------------------------------------------------------------ fine-tuning
+    def _finetune_teacher(self, unpruned: nn.Module, teacher: nn.Module | None) -> nn.Module | None:
+        f = self.recipe.finetune
+        if f is None or f.distill_from == "none":
+            return None
+        return copy.deepcopy(unpruned if f.distill_from == "unpruned" else teacher).eval()
+
+    def _finetune_fit(self, model: nn.Module, stage: str, train_config: TrainConfig, source: nn.Module | None,
+                      seed: int, cache: Any = "build", **hooks: Any) -> None:
+        """Fine-tune with labels only, or distilling from ``source`` (the unpruned model or the teacher)."""
+        if source is None:
+            self._fit(model, stage, train_config, None, seed, **hooks)
+        else:
+            self._distill_fit(model, source, self.recipe.finetune.distillation(), train_config, stage, seed,
+                              cache=cache, **hooks)
+
+    # ------------------------------------------------------- unstructured pruning
+    def _prune_unstructured(self, unpruned: nn.Module, teacher: nn.Module | None,
+                            produced: dict[str, nn.Module]) -> tuple[nn.Module, dict[str, Any]]:
+        recipe, p, f = self.recipe, self.recipe.prune, self.recipe.finetune
+        config = p.pruning_config()
+        if p.sensitivity is not None:
+            config = self._sensitivity(unpruned, p.sensitivity.sparsities, p.sensitivity.max_samples,
+                                       base=config).pruning_config(p.sparsity, base=config)
+            _log(f"prune: per-layer sparsities from the sensitivity analysis: "
+                 + ", ".join(f"{k}={v:.3f}" for k, v in config.overrides.items()))
+        data = self.splits.train if config.needs_data else None
+
+        def make_pruned() -> nn.Module:
+            model = copy.deepcopy(unpruned)
+            prune_(model, config, data)
+            return model
+
+        # The "pruned" row is always the one-shot cut to the target, before any
+        # fine-tuning; the gradual and iterative schedules start fine-tuning from the
+        # unpruned model instead and reach the target on their way.
+        pruned = produced["pruned"] = self._stage("pruned", make_pruned)
+        self._record({"stage": "prune", "event": "pruned", "global_sparsity": global_sparsity(pruned, masked_layers(pruned)),
+                      "layers": {k: v["sparsity"] for k, v in layer_sparsity(pruned, masked_layers(pruned)).items()}})
+        subject, schedule = pruned, None
+        if f is not None:
+            steps_per_epoch = count_steps(len(self.splits.train.y), f.train.batch_size, self.dist.world_size)
+            if p.schedule == "gradual":
+                total = f.train.epochs * steps_per_epoch
+                start = round(p.gradual_start * total)
+                schedule = AGPSchedule(final_sparsity=config.sparsity, start_step=start,
+                                       end_step=max(start + 1, round(p.gradual_end * total)),
+                                       frequency=p.gradual_frequency)
+            elif p.schedule == "iterative":
+                schedule = p.iterative
+
+            def make_finetuned() -> nn.Module:
+                source = self._finetune_teacher(unpruned, teacher)
+                if p.schedule == "oneshot":
+                    model = copy.deepcopy(pruned)
+                    self._finetune_fit(model, "finetuned", f.train, source, recipe.seed + 3)
+                elif p.schedule == "gradual":
+                    model = copy.deepcopy(unpruned)
+                    # Masks (all ones) from the start, so every checkpoint has the same keys.
+                    prune_(model, at_sparsity(config, 0.0, config.sparsity), data)
+                    hook = gradual_pruning_hook(model, config, schedule, data)
+                    self._finetune_fit(model, "finetuned", f.train, source, recipe.seed + 3, on_step_end=hook)
+                else:
+                    model = self._iterate(unpruned, config, data, source)
+                return model
+
+            subject = produced["finetuned"] = self._stage("finetuned", make_finetuned)
+        summary = pruning_summary(subject, config, schedule)
+        summary.update(structured=False, schedule_name=p.schedule, exclusions=self._exclusions(subject, config))
+        if p.sensitivity is not None:
+            summary["sensitivity"] = {"table": "sensitivity.md", "plot": "plots/sensitivity.png",
+                                      "allocated": {k: v for k, v in config.overrides.items() if v is not None}}
+        return subject, summary
+
+    def _exclusions(self, model: nn.Module, config: UnstructuredPruning) -> list[str]:
+        """Prunable-type layers the selection left unpruned (for the report)."""
+        chosen = {n for n, _, _ in pruning_layers(model, config)}
+        return [n for n, _ in select_layers(model, config.layer_types, [], []) if n not in chosen]
+
+    def _iterate(self, unpruned: nn.Module, config: UnstructuredPruning, data: Any, source: nn.Module | None) -> nn.Module:
+        """Prune → retrain rounds (Han et al.) sharing the fine-tuning epochs, with optional rewinding.
+
+        Each round trains as its own stage (``finetuned_round<k>``) with its own
+        checkpoint, so a killed run resumes inside the round it was in: pruning is
+        deterministic, so earlier rounds replay to the same masks from their final
+        checkpoints. A rewinding snapshot taken mid-round is kept in ``checkpoints/``.
+        """
+        p, f, seed = self.recipe.prune, self.recipe.finetune, self.recipe.seed
+        schedule = p.iterative
+        round_train = f.train.model_copy(update={"epochs": f.train.epochs // schedule.rounds})
+        rewind_file = self.run.root / "checkpoints" / "rewind.safetensors"
+        rewind_state = load_file(str(rewind_file)) if rewind_file.is_file() else None
+        model = copy.deepcopy(unpruned)
+        cache = None if source is None else self._teacher_cache(source, f.distillation(), round_train)
+
+        def keep_for_rewinding(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            if self.dist.is_main:
+                atomic_write_with(rewind_file, lambda path: save_file({k: v.contiguous().cpu() for k, v in state.items()},
+                                                                       str(path)))
+            return state
+
+        for k in range(1, schedule.rounds + 1):
+            target = schedule.sparsity_after(k, config.sparsity)
+            prune_(model, at_sparsity(config, target, config.sparsity), data)
+            if rewind_state is not None:
+                rewind_(model, rewind_state)
+            snap = None
+            if k == 1 and rewind_state is None and schedule.rewind_epoch is not None:
+                if schedule.rewind_epoch == 0:
+                    rewind_state = keep_for_rewinding(snapshot_weights(model))
+                elif schedule.rewind_epoch > round_train.epochs:
+                    raise ConfigError(f"prune.iterative.rewind_epoch ({schedule.rewind_epoch}) is past a round's "
+                                      f"{round_train.epochs} epochs")
+                else:
+                    snap = WeightSnapshot(model, schedule.rewind_epoch)
+            self._finetune_fit(model, f"finetuned_round{k}", round_train, source, seed + 3 + k, cache=cache,
+                               on_epoch_end=snap)
+            if snap is not None and snap.state is not None:
+                rewind_state = keep_for_rewinding(snap.state)
+            self._record({"stage": "prune", "event": "round", "round": k, "target_sparsity": target,
+                          "global_sparsity": global_sparsity(model, masked_layers(model))})
+        return model
+
+    def _sensitivity(self, model: nn.Module, sparsities: list[float], max_samples: int | None,
+                     base: UnstructuredPruning, stem: str = "sensitivity") -> SensitivityResult:
+        """The sensitivity analysis of ``model``, kept as ``<stem>.json``/``.md`` and ``plots/<stem>.png``.
+
+        Read back from the run folder when the same sweep was done there already (a
+        resumed run allocates exactly the sparsities it allocated before).
+        """
+        path = self.run.root / f"{stem}.json"
+        if path.is_file():
+            done = SensitivityResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            if done.sparsities == list(sparsities) and done.criterion.split(",")[0] == base.criterion:
+                return done  # the same sweep, finished earlier in this run folder
+        config = SensitivityConfig(sparsities=sparsities, max_samples=max_samples,
+                                   pruning=base.model_copy(update={"overrides": {
+                                       k: v for k, v in base.overrides.items() if v is None}}))
+        data = self.splits.train if base.needs_data else None
+        started = time.perf_counter()
+        _log(f"sensitivity: pruning each layer alone at {len(sparsities)} sparsities")
+        result = sensitivity_analysis(model, self.splits.val, config, data=data, device=self.device)
+        self.timings["sensitivity"] = time.perf_counter() - started
+        if self.dist.is_main:
+            atomic_write_text(self.run.root / f"{stem}.md", "# Sensitivity analysis\n\n" + result.table() + "\n")
+            result.plot(self.run.plot(f"{stem}.png"))
+            self.run.write_json(f"{stem}.json", result.to_dict())
+        return result
+
+    def sensitivity(self, sparsities: list[float] | None = None, max_samples: int | None = None) -> SensitivityResult:
+        """Run the stages before pruning (reusing finished ones), then analyse the model the prune stage starts from.
+
+        Written as ``sensitivity_sweep.*``: a run's own ``sensitivity.*`` (which its
+        prune stage allocates from) is never overwritten.
+        """
+        _, _, subject = self._prepare()
+        p = self.recipe.prune
+        base = p.pruning_config() if isinstance(p, UnstructuredPruneStage) else UnstructuredPruning()
+        if base.target != "sparsity":
+            base = base.model_copy(update={"sparsity": 0.5, "threshold": None, "han_quality": None, "n_m": None})
+        section = p.sensitivity if isinstance(p, UnstructuredPruneStage) and p.sensitivity else SensitivitySection()
+        return self._sensitivity(subject, sparsities or section.sparsities,
+                                 max_samples if max_samples is not None else section.max_samples, base,
+                                 stem="sensitivity_sweep")
+
+    # --------------------------------------------------------- structured pruning
+    def _prune_structured(self, unpruned: nn.Module, teacher: nn.Module | None,
+                          produced: dict[str, nn.Module]) -> tuple[nn.Module, dict[str, Any]]:
+        recipe, p, f = self.recipe, self.recipe.prune, self.recipe.finetune
+        config = p.pruning_config()
+        example = self.splits.train.x[:1].to(self.device)  # MACs are counted for one sample
+        data = self.splits.train if config.importance == "taylor" else None
+
+        def make_pruned() -> nn.Module:
+            between = None
+            if f is not None and p.finetune_epochs_between_steps and config.steps > 1:
+                source = self._finetune_teacher(unpruned, teacher)
+                step_train = f.train.model_copy(update={"epochs": p.finetune_epochs_between_steps})
+                done = [0]
+
+                def between(model: nn.Module) -> None:
+                    done[0] += 1
+                    if done[0] < config.steps:  # the finetune stage fine-tunes after the last step
+                        self._finetune_fit(model, f"pruned_step{done[0]}", step_train, source,
+                                           recipe.seed + 10 + done[0])
+
+            model = prune_channels(unpruned, example, config, data, finetune=between)
+            report = getattr(model, REPORT_ATTR)
+            self._record({"stage": "prune", "event": "channels_removed", **json.loads(json.dumps(
+                report.to_dict(), default=str))})
+            for item in report.unsupported:
+                _log(f"prune: left unpruned around {item}")
+            return model
+
+        pruned = produced["pruned"] = self._stage("pruned", make_pruned)
+        subject = pruned
+        if f is not None:
+            def make_finetuned() -> nn.Module:
+                model = copy.deepcopy(pruned)
+                self._finetune_fit(model, "finetuned", f.train, self._finetune_teacher(unpruned, teacher),
+                                   recipe.seed + 3)
+                return model
+
+            subject = produced["finetuned"] = self._stage("finetuned", make_finetuned)
+        report = next((m for m in reversed(self.metrics) if m.get("event") == "channels_removed"), {})
+        return subject, {"structured": True, "config": config.to_dict(), "report": report,
+                         "between_steps_epochs": p.finetune_epochs_between_steps}
+
     def _evaluate(self, produced: dict[str, nn.Module]) -> list[dict[str, Any]]:
         rows = []
         example = self.splits.test.x[:1]
         cfg = self.recipe.evaluate
+        structured = isinstance(self.recipe.prune, StructuredPruneStage)
         for key, label in MODEL_ROWS.items():
             if key not in produced:
                 continue
+            if structured and key in STRUCTURED_LABELS:
+                label = STRUCTURED_LABELS[key]
             model = produced[key]
             accuracy = evaluate(model, self.splits.test, device=self.device, dist=self.dist)["accuracy"]
             if not self.dist.is_main:
@@ -328,6 +571,41 @@ class Runner:
             out["onnx"] = {k: v for k, v in result.items() if k != "path"}
             _log(f"export: model.onnx, largest |onnxruntime - torch| = {result['max_abs_diff']:.2e}")
         return out
+
+
+def recipe_sensitivity(recipe: Recipe | str | Path, out: str | Path | None = None, *,
+                       run_dir: str | Path | None = None, overrides: list[str] | None = None,
+                       sparsities: list[float] | None = None, max_samples: int | None = None,
+                       progress: bool | None = None) -> tuple[SensitivityResult, Path]:
+    """Sensitivity analysis of the model a recipe's prune stage would start from.
+
+    The stages before pruning run (or are loaded from ``run_dir``, a run folder of
+    this recipe, when they are finished there); then each prunable layer is pruned
+    alone at every sparsity and the validation accuracy measured, with the prune
+    section's criterion and layer selection. Writes ``sensitivity_sweep.json``,
+    ``sensitivity_sweep.md`` and ``plots/sensitivity_sweep.png`` into the run folder.
+
+    Returns:
+        The :class:`~torchslim.prune.SensitivityResult` and the run folder.
+
+    Example:
+        >>> result, folder = ts.pipeline.recipe_sensitivity("recipes/fashion_mnist.yaml")  # doctest: +SKIP
+        >>> result.layer_sparsities(0.9)  # doctest: +SKIP
+    """
+    if run_dir is not None:
+        run = RunDir.open_existing(run_dir)
+        recipe = load_recipe(run.recipe_path)
+    else:
+        if not isinstance(recipe, Recipe):
+            recipe = load_recipe(recipe, overrides)
+        run = RunDir.create(out, recipe.name)
+        atomic_write_text(run.recipe_path, recipe_to_yaml(recipe))
+    dist, _ = init_distributed(recipe.device)
+    try:
+        result = Runner(recipe, run, progress=progress).sensitivity(sparsities, max_samples)
+    finally:
+        shutdown(dist)
+    return result, run.root
 
 
 def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, *, overrides: list[str] | None = None,
