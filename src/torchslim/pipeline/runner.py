@@ -158,7 +158,8 @@ class Runner:
                            metadata={"stage": stage, "recipe": self.recipe.name})
 
     def _load(self, stage: str) -> nn.Module:
-        ref = self.recipe.teacher.model if stage == "teacher" else self.recipe.student.model
+        # Later stages descend from the student, or from the teacher in a recipe without one.
+        ref = self.recipe.student.model if stage != "teacher" and self.recipe.student else self.recipe.teacher.model
         return ts_export.load(self.run.model(stage), factory=ref.factory).to(self.device)
 
     def _done(self, stage: str) -> bool:
