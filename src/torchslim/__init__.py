@@ -13,20 +13,22 @@ Knowledge distillation and pruning, alone or chained, measured and exported::
 
 from torchslim import data, distill as _distill_pkg, export, measure, models, pipeline, prune, train  # noqa: F401
 from torchslim.config import Config, config_from_dict
-from torchslim.distill import KDConfig, distill
+from torchslim.distill import AttentionConfig, DistillConfig, DKDConfig, HintConfig, KDConfig, derive_student, distill
 from torchslim.errors import ConfigError, DataError, ExportError, ModelError, TorchSlimError, TrainingError
 from torchslim.export import export_onnx, load, save
 from torchslim.measure import profile
 from torchslim.pipeline import Recipe, load_recipe, resume_run, run_recipe
-from torchslim.prune import MagnitudePruning, finalize_, prune_
+from torchslim.prune import MagnitudePruning, UnstructuredPruning, finalize_, prune_
 from torchslim.prune.structured import ChannelPruning, prune_channels
 from torchslim.train import TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelPruning", "Config", "ConfigError", "DataError", "ExportError", "KDConfig", "MagnitudePruning", "ModelError", "Recipe",
-    "TorchSlimError", "TrainConfig", "TrainingError", "config_from_dict", "data", "distill", "evaluate",
+    "AttentionConfig", "ChannelPruning", "Config", "ConfigError", "DKDConfig", "DataError", "DistillConfig",
+    "ExportError", "HintConfig", "KDConfig", "MagnitudePruning", "ModelError", "Recipe", "TorchSlimError",
+    "TrainConfig", "TrainingError", "UnstructuredPruning", "config_from_dict", "data", "derive_student", "distill",
+    "evaluate",
     "export", "export_onnx", "finalize_", "fit", "load", "load_recipe", "measure", "models", "pipeline",
     "profile", "prune", "prune_", "prune_channels", "resume_run", "run_recipe", "save", "train",
 ]
