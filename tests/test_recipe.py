@@ -85,3 +85,23 @@ def test_unreadable_or_malformed_recipe_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+
+
+def _yaml_blocks(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return [block.split("```", 1)[0] for block in text.split("```yaml\n")[1:]]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/recipes.md"])
+def test_recipe_snippets_in_the_docs_are_valid(doc):
+    blocks = _yaml_blocks(ROOT / doc)
+    assert blocks, f"{doc} has no yaml blocks"
+    for block in blocks:
+        sections = yaml.safe_load(block)
+        recipe = {"teacher": {"model": {"preset": "fmnist_teacher", "weights": "t.slim"}},
+                  "student": {"model": {"preset": "fmnist_student"}}, **sections}
+        if "prune" in sections and "finetune" not in sections:
+            recipe["finetune"] = {"train": {"epochs": 6}}
+        if "distill" in sections and "train" not in sections["distill"]:
+            recipe["distill"]["train"] = {"epochs": 1}
+        parse_recipe(recipe, doc)
