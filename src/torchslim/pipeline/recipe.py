@@ -168,7 +168,7 @@ class UnstructuredPruneStage(UnstructuredPruning):
     structured: Literal[False] = False
     schedule: Literal["oneshot", "gradual", "iterative"] = "oneshot"
     gradual_start: float = Field(0.0, ge=0.0, lt=1.0)
-    gradual_end: float = Field(0.5, gt=0.0, le=1.0)
+    gradual_end: float = Field(0.3, gt=0.0, le=1.0)
     gradual_frequency: int = Field(50, ge=1)
     iterative: IterativeSchedule = Field(default_factory=IterativeSchedule)
     sensitivity: SensitivitySection | None = None
