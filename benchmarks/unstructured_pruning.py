@@ -14,9 +14,19 @@ and one more torchslim method with the same *total* epochs:
 (c') ``agp_train`` -- AGP during training from the same initial weights as the dense
      model, over dense + budget epochs (Zhu & Gupta's setting: prune while training).
 
-Prints JSON lines (``config``, ``dense``, one ``result`` per method and
-sparsity, ``summary`` with the targets) and writes a PNG of test accuracy vs
-sparsity. Run from the repository root::
+Two more torchslim methods distil from the trained dense model (frozen, its logits
+on the training split cached once in fp32, so each step costs one table lookup):
+Hinton KD, ``--kd-temperature`` (4) and ``--kd-alpha`` (0.1, the weight of the
+hard-label loss), through ``DistillObjective`` passed to ``fit`` with the AGP hook:
+
+(e) ``agp_kd``       -- ``agp`` (same budget, same schedule) with KD from the dense model;
+(e') ``agp_train_kd`` -- ``agp_train`` (same 32 epochs from the initial weights) with KD
+     from the dense model. Fair only if stated: it needs the trained dense model, so
+     its real cost is the dense model's epochs + its own (52, not 32).
+
+Prints JSON lines (``config``, ``dense``, ``teacher_cache`` when a ``*_kd`` method runs,
+one ``result`` per method and sparsity, ``summary`` with the targets) and writes a PNG
+of test accuracy vs sparsity. Run from the repository root::
 
     PYTHONPATH=src .venv/bin/python benchmarks/unstructured_pruning.py
     PYTHONPATH=src .venv/bin/python benchmarks/unstructured_pruning.py --quick
@@ -40,6 +50,7 @@ from torch.nn.utils import prune as torch_prune
 
 import torchslim as ts
 from torchslim.atomic import atomic_write_with
+from torchslim.distill import DistillObjective, KDConfig, cache_teacher_outputs, freeze_teacher
 from torchslim.prune import (
     AGPSchedule,
     IterativeSchedule,
@@ -101,6 +112,17 @@ def run_agp_train(init, splits, s, pruning, train, seed, start_fraction, end_fra
     return model
 
 
+def run_agp_kd(start, splits, s, pruning, cfg, seed, start_fraction, end_fraction, updates, teacher, cache, kd):
+    """AGP over ``cfg.epochs`` from ``start`` with Hinton KD from ``teacher`` (outputs from ``cache``)."""
+    model = copy.deepcopy(start)
+    steps = cfg.epochs * math.ceil(len(splits.train.y) / cfg.batch_size)
+    schedule = AGPSchedule.over(s, steps, start=start_fraction, end=end_fraction, updates=updates)
+    hook = gradual_pruning_hook(model, pruning.model_copy(update={"sparsity": s}), schedule, splits.train)
+    with DistillObjective(model, teacher, kd, teacher_cache=cache) as objective:
+        ts.fit(model, splits.train, cfg, seed=seed, objective=objective, on_step_end=hook, progress=False)
+    return model
+
+
 def run_torch(dense, splits, s, tune, seed):
     model = copy.deepcopy(dense)
     params = [(m, "weight") for _, m in prunable(model)]
@@ -114,6 +136,8 @@ LABELS = {
     "iterative": "torchslim iterative rounds",
     "agp": "torchslim AGP during fine-tuning",
     "agp_train": "torchslim AGP during training",
+    "agp_kd": "torchslim AGP during fine-tuning + KD from dense",
+    "agp_train_kd": "torchslim AGP during training + KD from dense",
     "torch": "torch.nn.utils.prune one-shot + fine-tune",
 }
 
@@ -126,7 +150,7 @@ def plot(path: Path, dense_acc: float, results: list[dict[str, Any]]) -> None:
     # torch's one-shot L1 ranks exactly like torchslim's one-shot l1, so the two lines can
     # coincide: draw torch dashed on top so both stay visible.
     styles = {"oneshot": ("o", "-"), "iterative": ("s", "-"), "agp": ("^", "-"), "agp_train": ("v", "-"),
-              "torch": ("x", "--")}
+              "agp_kd": ("^", ":"), "agp_train_kd": ("v", ":"), "torch": ("x", "--")}
     for method in dict.fromkeys(r["method"] for r in results):
         rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["sparsity"])
         marker, line = styles.get(method, ("o", "-"))
@@ -145,7 +169,9 @@ def plot(path: Path, dense_acc: float, results: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sparsities", default="0.9,0.95,0.98")
-    p.add_argument("--methods", default="oneshot,iterative,agp,agp_train,torch")
+    p.add_argument("--methods", default="oneshot,iterative,agp,agp_train,torch",
+                   help="comma-separated, from oneshot, iterative, agp, agp_train, agp_kd, agp_train_kd, torch "
+                        "(the *_kd ones distil from the dense model; see above)")
     p.add_argument("--dense-epochs", type=int, default=20)
     p.add_argument("--budget-epochs", type=int, default=12, help="fine-tuning epochs every method gets")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of dense training and fine-tuning")
@@ -154,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agp-updates", type=int, default=50, help="mask updates along the AGP ramp")
     p.add_argument("--agp-train-start", type=float, default=0.05, help="agp_train: ramp start, fraction of all epochs")
     p.add_argument("--agp-train-end", type=float, default=0.3, help="agp_train: ramp end, fraction of all epochs")
+    p.add_argument("--kd-temperature", type=float, default=4.0, help="agp_kd / agp_train_kd: KD temperature")
+    p.add_argument("--kd-alpha", type=float, default=0.1,
+                   help="agp_kd / agp_train_kd: weight of the hard-label loss (1 - alpha on the soft targets)")
     p.add_argument("--exclude-first-last", action="store_true", help="torchslim methods skip first/last layer")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="5 dense + 3 budget epochs on 10k samples (smoke run)")
@@ -180,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
          dense_train=dense_cfg.to_dict(), finetune=tune.to_dict(),
          pruning=pruning.to_dict(), rounds=args.rounds, agp_end=args.agp_end, agp_updates=args.agp_updates,
          agp_train_start=args.agp_train_start, agp_train_end=args.agp_train_end,
+         kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha,
          train_samples=len(splits.train.y), val_samples=len(splits.val.y), test_samples=len(splits.test.y))
 
     started = time.perf_counter()
@@ -190,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     dense_acc, dense_val = accuracy(dense, splits.test), accuracy(dense, splits.val)
     emit("dense", test_accuracy=dense_acc, val_accuracy=dense_val,
          params=sum(m.weight.numel() for _, m in prunable(dense)), seconds=round(time.perf_counter() - started, 1))
+
+    teacher = cache = None
+    kd = KDConfig(temperature=args.kd_temperature, alpha=args.kd_alpha)
+    if any(m.endswith("_kd") for m in methods):
+        t0 = time.perf_counter()
+        teacher = freeze_teacher(copy.deepcopy(dense).eval())  # a copy: freezing must not touch the methods' start
+        cache = cache_teacher_outputs(teacher, splits.train, cache_format="fp32")
+        emit("teacher_cache", seconds=round(time.perf_counter() - t0, 2), samples=len(splits.train.y))
 
     results = []
     for s in sparsities:
@@ -206,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
                 whole = dense_cfg.model_copy(update={"epochs": args.dense_epochs + args.budget_epochs})
                 model = run_agp_train(init, splits, s, pruning, whole, args.seed, args.agp_train_start,
                                       args.agp_train_end, args.agp_updates)
+            elif method == "agp_kd":
+                model = run_agp_kd(dense, splits, s, pruning, tune, seed, 0.0, args.agp_end, args.agp_updates,
+                                   teacher, cache, kd)
+            elif method == "agp_train_kd":
+                whole = dense_cfg.model_copy(update={"epochs": args.dense_epochs + args.budget_epochs})
+                model = run_agp_kd(init, splits, s, pruning, whole, args.seed, args.agp_train_start,
+                                   args.agp_train_end, args.agp_updates, teacher, cache, kd)
             elif method == "torch":
                 model = run_torch(dense, splits, s, tune, seed)
             else:
