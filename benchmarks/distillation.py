@@ -5,11 +5,13 @@ TrainConfig (Adam lr 3e-3, cosine, batch 128, ``--epochs``) and the same batch
 order; only the objective differs:
 
 - ``alone``      -- cross-entropy only (the student trained alone);
-- ``kd_online``  -- Hinton KD (T = 4, alpha = 0.1), teacher run on every batch;
+- ``kd_online``  -- Hinton KD (T = ``--kd-temperature``, default 4; alpha = ``--alpha``, default 0.1),
+                    teacher run on every batch;
 - ``kd_cached``  -- the same KD from the teacher-output cache (fp16 logits, built once);
 - ``hints_kd``   -- KD + a FitNets hint from the student's ``features`` to the teacher's
                     (a 1x1-conv adapter, 32 -> 64 channels), from the cache (logits + features);
-- ``dkd``        -- Decoupled KD (T = 4, task 1, TCKD 1, NCKD ``--dkd-nckd``), from the cache;
+- ``dkd``        -- Decoupled KD (T = ``--dkd-temperature``, default 4; task 1, TCKD 1,
+                    NCKD ``--dkd-nckd``, default 1), from the cache;
 - ``dkd_hints``  -- DKD + the hint (not in the default set; ``--methods`` adds it).
 
 Caches are built once per run (their build time is printed in ``cache`` lines)
@@ -30,6 +32,11 @@ Run (from the repository root)::
     PYTHONPATH=src .venv/bin/python benchmarks/distillation.py --quick      # ~2-5 min on 2 busy cores
     PYTHONPATH=src .venv/bin/python benchmarks/distillation.py              # 10 epochs x 3 seeds x 5 methods
     PYTHONPATH=src .venv/bin/python benchmarks/distillation.py --jobs 15    # runs in parallel processes
+    # the validation search's picks (benchmarks/README.md), run 2026-11-27:
+    PYTHONPATH=src .venv/bin/python benchmarks/distillation.py --methods alone,kd_cached,dkd \
+        --kd-temperature 8 --alpha 0.5 --dkd-temperature 2 --dkd-nckd 1
+
+``--temperature`` sets both T's; ``--kd-temperature`` / ``--dkd-temperature`` override one.
 
 ``--jobs N`` runs the (method, seed) runs in N processes of one torch thread each
 (only sensible with N free cores; per-epoch times then include memory-bandwidth
@@ -79,8 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of " + ",".join(METHODS + EXTRA_METHODS))
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--alpha", type=float, default=0.1, help="KD: weight of the label loss")
+    p.add_argument("--temperature", type=float, default=4.0,
+                   help="T of KD and DKD (unless --kd-temperature / --dkd-temperature set one of them)")
+    p.add_argument("--kd-temperature", type=float, default=None, help="KD's T (default: --temperature)")
+    p.add_argument("--dkd-temperature", type=float, default=None, help="DKD's T (default: --temperature)")
+    p.add_argument("--alpha", "--kd-alpha", dest="alpha", type=float, default=0.1, help="KD: weight of the label loss")
     p.add_argument("--hint-weight", type=float, default=1.0)
     p.add_argument("--dkd-nckd", type=float, default=1.0, help="DKD: weight of the non-target term (paper's beta)")
     p.add_argument("--jobs", type=int, default=1, help="parallel processes (one torch thread each)")
@@ -94,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seed_list = ([int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds)))
     if args.train_limit is None and args.quick:
         args.train_limit = 10000
+    args.kd_temperature = args.temperature if args.kd_temperature is None else args.kd_temperature
+    args.dkd_temperature = args.temperature if args.dkd_temperature is None else args.dkd_temperature
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - set(METHODS + EXTRA_METHODS)
     if unknown:
@@ -115,7 +127,7 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any]:
 def distill_config(method: str, args: argparse.Namespace):
     from torchslim.distill import DistillConfig, DKDConfig, HintConfig, KDConfig
 
-    kd = KDConfig(temperature=args.temperature, alpha=args.alpha)
+    kd = KDConfig(temperature=args.kd_temperature, alpha=args.alpha)
     if method == "kd_online":
         return DistillConfig(logits=kd, teacher_outputs="online")
     if method == "kd_cached":
@@ -123,7 +135,7 @@ def distill_config(method: str, args: argparse.Namespace):
     if method == "hints_kd":
         return DistillConfig(logits=kd, hints=HintConfig(layers={"features": "features"}, weight=args.hint_weight),
                              teacher_outputs="cached")
-    dkd = DKDConfig(temperature=args.temperature, nckd_weight=args.dkd_nckd)
+    dkd = DKDConfig(temperature=args.dkd_temperature, nckd_weight=args.dkd_nckd)
     if method == "dkd":
         return DistillConfig(logits=dkd, teacher_outputs="cached")
     if method == "dkd_hints":
@@ -260,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
 
     emit({"event": "config", "epochs": args.epochs, "seeds": args.seed_list, "train_samples": len(splits.train.y),
           "methods": args.methods, "optimizer": "adam", "lr": args.lr, "schedule": "cosine",
-          "batch_size": args.batch_size, "temperature": args.temperature, "alpha": args.alpha,
+          "batch_size": args.batch_size, "temperature": args.temperature, "kd_temperature": args.kd_temperature,
+          "alpha": args.alpha, "dkd_temperature": args.dkd_temperature,
           "hint_weight": args.hint_weight, "dkd_nckd_weight": args.dkd_nckd, "jobs": args.jobs,
           "device": args.device, "torch": torch.__version__, "python": platform.python_version(),
           "cpu_count": os.cpu_count(), "threads_per_process": 1})
