@@ -54,3 +54,15 @@ def test_structured_pruning_benchmark_quick():
     assert pruned and all(e["macs_ratio"] <= 0.5 + 1e-6 for e in pruned)
     others = {e["model"]: e for e in events if e["event"] == "other_models"}
     assert others["resnet56"]["ok"] and others["mobilenetv2"]["ok"]  # 2x fewer MACs, no error
+
+
+@pytest.mark.slow
+def test_distillation_benchmark_quick():
+    events = _run_script("distillation.py", "--quick", "--epochs", "1", "--train-limit", "2000",
+                         "--methods", "alone,kd_online,kd_cached,dkd")
+    runs = [e for e in events if e.get("event") == "run"]
+    assert {r["method"] for r in runs} == {"alone", "kd_online", "kd_cached", "dkd"}
+    cached = next(r for r in runs if r["method"] == "kd_cached")
+    online = next(r for r in runs if r["method"] == "kd_online")
+    # the same loss, whether the teacher's logits come from the fp16 cache or the teacher
+    assert cached["test_accuracy"] == pytest.approx(online["test_accuracy"], abs=0.02)
