@@ -304,3 +304,20 @@ def test_profile_file(tmp_path):
     save(model, tmp_path / "n.slim", spec={"preset": "fmnist_student", "args": {"width": 4, "fc": 8}})
     with pytest.raises(ExportError, match="input_shape"):
         profile_file(tmp_path / "n.slim", latency=False)
+
+
+def test_compare_latency_times_every_model_the_same_number_of_passes_and_ranks_them():
+    import torchslim as ts
+    from torchslim.measure import compare_latency
+
+    torch.manual_seed(0)
+    big = ts.models.create("lenet300_100", hidden1=1024, hidden2=512)
+    small = ts.models.create("lenet300_100", hidden1=16, hidden2=8)
+    before = {k: v.clone() for k, v in big.state_dict().items()}
+    timed = compare_latency({"big": big, "small": small}, (1, 28, 28), batch_size=64, repeats=20)
+    assert timed["big"]["repeats"] == timed["small"]["repeats"] == 20
+    assert 0 < timed["small"]["min_ms"] <= timed["small"]["median_ms"]
+    assert timed["small"]["min_ms"] < timed["big"]["min_ms"]  # ~100x fewer MACs
+    assert all(torch.equal(before[k], v) for k, v in big.state_dict().items())
+    with pytest.raises(ts.ModelError, match="at least one model"):
+        compare_latency({}, (1, 28, 28))

@@ -141,7 +141,7 @@ def test_structured_prune_stage_removes_channels_and_reports_the_cost(tmp_path):
     final = ts.load(run / "model.slim")
     assert not masked_layers(final) and ts.measure.count_parameters(final) == rows["finetuned"]["params"]
     text = (run / "report.md").read_text()
-    assert "## Structured pruning" in text and "| latency b=64 (ms) |" in text
+    assert "## Structured pruning" in text and "| fastest pass b=64 (ms) |" in text
     assert "channels removed + fine-tuned" in text
 
 

@@ -10,11 +10,12 @@ Example:
 """
 
 from torchslim.measure.counting import count_macs, count_nonzero, count_parameters, dense_bytes
-from torchslim.measure.latency import evaluate_accuracy, measure_latency
+from torchslim.measure.latency import compare_latency, evaluate_accuracy, measure_latency
 from torchslim.measure.profile import Profile, profile, profile_file
 
 __all__ = [
     "Profile",
+    "compare_latency",
     "count_macs",
     "count_nonzero",
     "count_parameters",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -117,6 +117,72 @@ def measure_latency(
         "repeats": n,
         "threads": used_threads,
     }
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    example_input_shape_or_tensor: torch.Tensor | Sequence[int],
+    batch_size: int = 1,
+    *,
+    warmup: int = 2,
+    repeats: int | None = None,
+    budget_s: float = DEFAULT_BUDGET_S,
+) -> dict[str, dict[str, Any]]:
+    """CPU latency of several models, timed pass by pass in alternation, for fair ratios.
+
+    Timing one model after another lets a burst of load from other processes land
+    on one of them; alternating single passes (in a rotating order) exposes every
+    model to the same conditions, so ratios between them hold on a busy machine.
+    Each model runs as a finalized, eval-mode CPU copy under ``torch.inference_mode``.
+
+    Args:
+        models: ``{name: model}``; not changed.
+        example_input_shape_or_tensor: as in :func:`measure_latency`.
+        batch_size: samples per forward pass.
+        warmup: untimed passes of each model first.
+        repeats: timed passes of each model; None picks ``budget_s`` over the slowest
+            model's fastest warm-up pass, clamped to [5, 500].
+        budget_s: target seconds of timed work per model when ``repeats`` is None.
+
+    Returns:
+        Per name: ``{"median_ms", "min_ms", "repeats"}``. ``min_ms`` (the fastest pass)
+        is the best estimate of a model's own cost: other processes only ever add time.
+
+    Example:
+        >>> import torchslim as ts
+        >>> big = ts.models.create("lenet300_100", hidden1=64, hidden2=32)
+        >>> small = ts.models.create("lenet300_100", hidden1=16, hidden2=8)
+        >>> t = compare_latency({"big": big, "small": small}, (1, 28, 28), batch_size=8, repeats=5)
+        >>> sorted(t), t["big"]["repeats"]
+        (['big', 'small'], 5)
+    """
+    if not models:
+        raise ModelError("compare_latency needs at least one model")
+    if repeats is not None and repeats < 1:
+        raise ModelError(f"repeats must be >= 1, got {repeats}")
+    x = make_batch(example_input_shape_or_tensor, batch_size)
+    names = list(models)
+    copies = [finalized_copy(models[n]).cpu().eval() for n in names]
+    times: list[list[float]] = [[] for _ in names]
+    with torch.inference_mode():
+        fastest = []
+        for m in copies:
+            best = float("inf")
+            for _ in range(max(1, warmup)):
+                start = time.perf_counter()
+                m(x)
+                best = min(best, time.perf_counter() - start)
+            fastest.append(best)
+        n = repeats if repeats is not None else int(np.clip(budget_s / max(max(fastest), 1e-6), MIN_REPEATS,
+                                                            MAX_REPEATS))
+        for r in range(n):
+            for k in range(len(copies)):
+                i = (k + r) % len(copies)  # rotate, so no model always runs right after another
+                start = time.perf_counter()
+                copies[i](x)
+                times[i].append(time.perf_counter() - start)
+    return {name: {"median_ms": float(np.median(t) * 1e3), "min_ms": float(min(t) * 1e3), "repeats": len(t)}
+            for name, t in zip(names, times)}
 
 
 def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
