@@ -121,13 +121,20 @@ def test_n_m_pruning_from_a_recipe_keeps_at_most_n_of_every_m(tmp_path):
 
 
 # -------------------------------------------------------------------- structured
-def test_structured_prune_stage_removes_channels_and_reports_the_cost(tmp_path):
-    doc = _recipe("channels", teacher=TEACHER,
-                  prune={"structured": True, "target_macs": 0.5, "steps": 2, "importance": "l2",
-                         "finetune_epochs_between_steps": 1},
-                  finetune={"distill_from": "unpruned", "train": TRAIN},
-                  evaluate={"latency": True, "latency_batch_sizes": [1, 64], "latency_budget_s": 0.02})
-    run, summary = _run(doc, tmp_path / "run")
+STRUCTURED = _recipe("channels", teacher=TEACHER,
+                     prune={"structured": True, "target_macs": 0.5, "steps": 2, "importance": "l2",
+                            "finetune_epochs_between_steps": 1},
+                     finetune={"distill_from": "unpruned", "train": TRAIN},
+                     evaluate={"latency": True, "latency_batch_sizes": [1, 64], "latency_budget_s": 0.02})
+
+
+@pytest.fixture(scope="module")
+def structured_run(tmp_path_factory) -> tuple[Path, dict]:
+    return _run(STRUCTURED, tmp_path_factory.mktemp("channels") / "run")
+
+
+def test_structured_prune_stage_removes_channels_and_reports_the_cost(structured_run):
+    run, summary = structured_run
     rows = {r["key"]: r for r in summary["rows"]}
     assert rows["finetuned"]["macs"] <= 0.5 * rows["teacher"]["macs"]
     assert rows["finetuned"]["params"] < rows["teacher"]["params"]
@@ -207,3 +214,20 @@ def test_sensitivity_cli_analyses_the_model_before_pruning_and_leaves_it_unchang
                             "--sparsities", "0.5,0.9"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "teacher: done in an earlier run" in again.stderr and _sha(teacher_file) == before
+
+
+def test_a_structured_run_interrupted_between_steps_resumes_to_the_same_model(structured_run, tmp_path):
+    run, summary = structured_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    # As if killed while fine-tuning after the first step: the cut is redone (it is
+    # deterministic), its fine-tuning resumes from its checkpoint, and the rest runs again.
+    for name in ("models/pruned.slim", "models/finetuned.slim", "checkpoints/finetuned.pt", "summary.json",
+                 "report.md", "model.slim"):
+        (copy / name).unlink()
+    resume_run(copy, progress=False)
+    again = json.loads((copy / "summary.json").read_text())
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in summary["rows"]]
+    a = ts.load(run / "model.slim").state_dict()
+    b = ts.load(copy / "model.slim").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
