@@ -106,6 +106,48 @@ def test_an_iterative_run_interrupted_in_its_last_round_resumes_to_the_same_mode
     a = ts.load(run / "models" / "finetuned.slim").state_dict()
     b = ts.load(copy / "models" / "finetuned.slim").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the replayed round 1 is listed once
+    assert [r["round"] for r in _records(copy) if r.get("event") == "round"] == [1, 2]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_an_iterative_run_killed_after_its_rewinding_epoch_still_rewinds(iterative_run, tmp_path, monkeypatch):
+    import torchslim.pipeline.runner as runner_module
+
+    run, summary = iterative_run
+    real_fit = runner_module.fit
+
+    def fit_killed_after_round1_epoch1(*args, stage=None, on_epoch_end=None, **kwargs):
+        def hook(record):
+            on_epoch_end(record)  # checkpoint, metrics and the rewinding snapshot are written first
+            if stage == "finetuned_round1" and record["epoch"] == 1:
+                raise _Killed
+
+        return real_fit(*args, stage=stage, on_epoch_end=hook, **kwargs)
+
+    monkeypatch.setattr(runner_module, "fit", fit_killed_after_round1_epoch1)
+    out = tmp_path / "killed"
+    with pytest.raises(_Killed):
+        run_recipe(parse_recipe(ITERATIVE), out=out, progress=False)
+    monkeypatch.undo()
+    assert (out / "checkpoints" / "rewind.safetensors").is_file()
+    resume_run(out, progress=False)
+    a = ts.load(run / "models" / "finetuned.slim").state_dict()
+    b = ts.load(out / "models" / "finetuned.slim").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_student_pruned_as_given_is_the_reports_reference(tmp_path):
+    doc = _recipe("as_given", teacher=TEACHER, student=STUDENT, prune={"sparsity": 0.5},
+                  finetune={"distill_from": "teacher", "train": TRAIN})
+    run, summary = _run(doc, tmp_path / "run")
+    rows = {r["key"]: r for r in summary["rows"]}
+    assert summary["pruning"]["from"] == "student" and "student" in rows
+    drop = 100 * (rows["finetuned"]["accuracy"] - rows["student"]["accuracy"])
+    assert f"Fine-tuned pruned model vs. unpruned: {drop:+.2f} points" in (run / "report.md").read_text()
 
 
 def test_n_m_pruning_from_a_recipe_keeps_at_most_n_of_every_m(tmp_path):
@@ -185,6 +227,15 @@ def test_distill_objective_from_a_recipe_logs_each_part_and_caches_the_teacher(t
     (_recipe("x", teacher=TEACHER, prune={"criterion": "magnitud"}), r"prune\.criterion: unknown criterion"),
     (_recipe("x", teacher=TEACHER, prune={"threshold": 0.1, "schedule": "gradual"}, finetune={"train": TRAIN}),
      "ramps a target 'sparsity'"),
+    (_recipe("x", teacher=TEACHER, prune={"sparsity": 0.5, "sensitivity": {"sparsities": [0.9, 0.5]}}),
+     r"prune\.sensitivity\.sparsities: sparsities must be strictly increasing"),
+    (_recipe("x", teacher=TEACHER, prune={"structured": True, "finetune_epochs_between_steps": 1},
+             finetune={"train": TRAIN}), "set steps >= 2"),
+    (_recipe("x", teacher=TEACHER, prune={"schedule": "iterative", "iterative": {"rounds": 2, "rewind_epoch": 3}},
+             finetune={"train": {**TRAIN, "epochs": 4}}), r"rewind_epoch \(3\) is past a round's 2 epochs"),
+    (_recipe("x", teacher=TEACHER, student=STUDENT,
+             distill={"objective": {"logits": {"method": 1}}, "train": TRAIN}), "logits.method must be 'kd' or 'dkd'"),
+    (_recipe("x", teacher=TEACHER, evaluate={"latency_batch_sizes": [0]}), r"evaluate\.latency_batch_sizes\.0"),
 ])
 def test_bad_prune_and_distill_sections_name_the_problem(doc, match):
     with pytest.raises(ts.ConfigError, match=match):

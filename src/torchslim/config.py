@@ -35,7 +35,11 @@ def tagged_union(choices: dict[str, type], pick: Callable[[Any], str], message: 
     it picks no known name.
     """
     members = tuple(Annotated[cls, Tag(_TAG_MARK + name)] for name, cls in choices.items())
-    return Annotated[Union[members], Discriminator(lambda value: _TAG_MARK + pick(value),
+    def tag(value: Any) -> str:
+        name = pick(value)
+        return _TAG_MARK + name if isinstance(name, str) else _TAG_MARK + "?"  # "?": no such choice
+
+    return Annotated[Union[members], Discriminator(tag,
                                                    custom_error_type="config_choice",
                                                    custom_error_message=message)]
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from torchslim.config import _NESTING, Config, format_validation_error, tagged_union
 from torchslim.distill import DistillConfig, KDConfig
 from torchslim.distill.configs import as_distill_config
 from torchslim.errors import ConfigError
-from torchslim.prune import IterativeSchedule, UnstructuredPruning
+from torchslim.prune import IterativeSchedule, SensitivityConfig, UnstructuredPruning
 from torchslim.prune.structured import ChannelPruning
 from torchslim.train import TrainConfig
 
@@ -141,6 +141,8 @@ class SensitivitySection(Config):
     sparsities: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98], min_length=1)
     max_samples: int | None = Field(2000, ge=1)
 
+    _increasing = field_validator("sparsities")(SensitivityConfig._increasing.__func__)
+
 
 class UnstructuredPruneStage(UnstructuredPruning):
     """Unstructured pruning (masks) of the model produced so far.
@@ -210,6 +212,12 @@ class StructuredPruneStage(ChannelPruning):
     structured: Literal[True]
     finetune_epochs_between_steps: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _between_needs_steps(self) -> "StructuredPruneStage":
+        if self.finetune_epochs_between_steps and self.steps < 2:
+            raise ValueError("finetune_epochs_between_steps fine-tunes between pruning steps: set steps >= 2")
+        return self
+
     def pruning_config(self) -> ChannelPruning:
         """The library config this stage applies."""
         return ChannelPruning(**self.model_dump(exclude={"structured", "finetune_epochs_between_steps"}))
@@ -260,7 +268,7 @@ class EvaluateStage(Config):
     """
 
     latency: bool = True
-    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 256], min_length=1)
+    latency_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 256], min_length=1)
     latency_budget_s: float = Field(1.0, gt=0.0, le=60.0)
 
 
@@ -321,6 +329,10 @@ class Recipe(Config):
             if epochs % rounds:
                 raise ValueError(f"prune.iterative.rounds ({rounds}) must divide finetune.train.epochs ({epochs}): "
                                  "the rounds share the fine-tuning epochs evenly")
+            rewind = p.iterative.rewind_epoch
+            if rewind is not None and rewind > epochs // rounds:
+                raise ValueError(f"prune.iterative.rewind_epoch ({rewind}) is past a round's {epochs // rounds} "
+                                 "epochs (finetune.train.epochs / rounds)")
         if isinstance(p, StructuredPruneStage) and p.finetune_epochs_between_steps and self.finetune is None:
             raise ValueError("prune.finetune_epochs_between_steps uses the 'finetune' section's optimizer: add one")
         if self.finetune is not None and self.prune is None:

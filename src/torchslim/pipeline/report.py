@@ -78,9 +78,9 @@ def write_report(run: RunDir, recipe: Recipe, summary: dict[str, Any], metrics: 
     atomic_write_text(run.root / "report.md", "\n".join(out))
 
 
-def _unpruned_row(rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The model the prune stage started from."""
-    return rows.get("distilled") or rows.get("student_alone") or rows.get("teacher")
+def _unpruned_row(rows: dict[str, dict[str, Any]], pruning: dict[str, Any]) -> dict[str, Any] | None:
+    """The row of the model the prune stage started from (None if it was not measured)."""
+    return rows.get(pruning.get("from", ""))
 
 
 def _loss_parts(metrics: list[dict[str, Any]], stage: str) -> dict[str, list[float]]:
@@ -138,7 +138,7 @@ def _unstructured_section(p: dict[str, Any], rows: dict[str, dict[str, Any]],
         out.append("Per-layer sparsities chosen from a sensitivity analysis (`sensitivity.md`, "
                    "`plots/sensitivity.png`): " + ", ".join(f"`{k}` {100 * v:.1f}%"
                                                             for k, v in p["sensitivity"]["allocated"].items()) + ".")
-    ref = _unpruned_row(rows)
+    ref = _unpruned_row(rows, p)
     if "finetuned" in rows and ref is not None:
         drop = rows["finetuned"]["accuracy"] - ref["accuracy"]
         out.append(f"Fine-tuned pruned model vs. unpruned: {100 * drop:+.2f} points; file "
@@ -172,7 +172,7 @@ def _structured_section(p: dict[str, Any], rows: dict[str, dict[str, Any]]) -> l
                    f"{report['params_before']:,} → {report['params_after']:,} "
                    f"({report['params_before'] / max(report['params_after'], 1):.2f}× fewer)"
                    + ("" if report.get("target_met", True) else "; **the target was not reached**") + ".")
-    ref, pruned = _unpruned_row(rows), rows.get("finetuned") or rows.get("pruned")
+    ref, pruned = _unpruned_row(rows, p), rows.get("finetuned") or rows.get("pruned")
     if ref is not None and pruned is not None:
         macs_ratio = pruned["macs"] / max(ref["macs"], 1)
         out += ["", "| measure | unpruned | pruned | pruned / unpruned |", "|---|---:|---:|---:|"]

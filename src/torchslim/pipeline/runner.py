@@ -29,7 +29,7 @@ from torchslim import models as ts_models
 from torchslim.atomic import atomic_write_with
 from torchslim.distill import DistillConfig, DistillObjective
 from torchslim.distill.kd import prepare_teacher_cache
-from torchslim.errors import ConfigError, ModelError
+from torchslim.errors import ConfigError, ModelError, TrainingError
 from torchslim.pipeline.recipe import (
     ModelRef,
     Recipe,
@@ -70,6 +70,7 @@ from torchslim.train.distributed import barrier, broadcast_object, init_distribu
 # Row order and labels of the report's table.
 MODEL_ROWS: dict[str, str] = {
     "teacher": "teacher",
+    "student": "student, as given",
     "student_alone": "student, trained alone",
     "distilled": "student, distilled",
     "pruned": "pruned one-shot, not fine-tuned",
@@ -102,6 +103,17 @@ class Runner:
         self.metrics.append(record)
         if self.dist.is_main:
             self.run.write_metrics(self.metrics)
+
+    def _record_event(self, record: dict[str, Any], *keys: str) -> None:
+        """Record a stage event, replacing the same event from an earlier (interrupted) run.
+
+        Events are matched on ``stage``, ``event`` and ``keys`` (e.g. ``round``), so a
+        resumed run that replays a step does not list it twice.
+        """
+        same = ("stage", "event", *keys)
+        self.metrics = [m for m in self.metrics
+                        if not ("event" in m and all(m.get(k) == record.get(k) for k in same))]
+        self._record(record)
 
     def _replace_stage_records(self, stage: str, records: list[dict[str, Any]]) -> None:
         self.metrics = [m for m in self.metrics if not (m.get("stage") == stage and "epoch" in m)] + records
@@ -163,7 +175,9 @@ class Runner:
         return ts_export.load(self.run.model(stage), factory=ref.factory).to(self.device)
 
     def _done(self, stage: str) -> bool:
-        return self.run.model(stage).is_file()
+        # Rank 0 decides: a rank that checked later could see the file rank 0 has just
+        # written, skip the stage and its collectives, and leave the others waiting.
+        return bool(broadcast_object(self.run.model(stage).is_file(), self.dist))
 
     def _fit(self, model: nn.Module, stage: str, config: TrainConfig, objective: Objective | None, seed: int,
              on_step_end: Callable[[int], None] | None = None,
@@ -237,13 +251,13 @@ class Runner:
         with DistillObjective(model, teacher, config, example=example, teacher_cache=cache,
                               label_smoothing=train_config.label_smoothing) as objective:
             self._fit(model, stage, train_config, objective, seed, on_step_end=on_step_end, on_epoch_end=on_epoch_end)
-        self._record({"stage": stage, "event": "teacher_outputs", "mode": objective.teacher_outputs})
+        self._record_event({"stage": stage, "event": "teacher_outputs", "mode": objective.teacher_outputs})
 
     def _prepare(self) -> tuple[dict[str, nn.Module], nn.Module | None, nn.Module]:
         """Data, teacher, student baseline and distillation: everything before pruning.
 
         Returns the models produced so far, the teacher (or None) and the model the
-        prune stage starts from.
+        prune stage starts from; ``self.prune_from`` is that model's row key.
         """
         recipe = self.recipe
         self._load_data()
@@ -262,14 +276,18 @@ class Runner:
 
             teacher = produced["teacher"] = self._stage("teacher", make_teacher)
 
-        subject = teacher
+        subject, self.prune_from = teacher, "teacher"
         if recipe.student is not None:
             s = recipe.student
             # Both the baseline and the distilled student start from this same initialisation.
             torch.manual_seed(recipe.seed + 1)
             student_init = self._load_weights(s.model) if s.model.weights else self._build(s.model)
             student_init = self._check(student_init.to(self.device), "student")
-            subject = student_init
+            if s.baseline is None and recipe.distill is None:
+                # Pruned as given (loaded weights, or at initialisation as SNIP does):
+                # it gets its own row, so the report compares the pruned model with it.
+                subject = produced["student"] = self._stage("student", lambda: copy.deepcopy(student_init))
+                self.prune_from = "student"
             if s.baseline is not None:
                 def make_alone() -> nn.Module:
                     model = copy.deepcopy(student_init)
@@ -277,6 +295,7 @@ class Runner:
                     return model
 
                 subject = produced["student_alone"] = self._stage("student_alone", make_alone)
+                self.prune_from = "student_alone"
             if recipe.distill is not None:
                 def make_distilled() -> nn.Module:
                     model = copy.deepcopy(student_init)
@@ -286,6 +305,7 @@ class Runner:
                     return model
 
                 subject = produced["distilled"] = self._stage("distilled", make_distilled)
+                self.prune_from = "distilled"
         return produced, teacher, subject
 
     def execute(self) -> dict[str, Any]:
@@ -309,7 +329,7 @@ class Runner:
             "timings_s": {**self.timings, "total": time.perf_counter() - started},
         }
         if pruning_summary_ is not None:
-            summary["pruning"] = pruning_summary_
+            summary["pruning"] = {**pruning_summary_, "from": self.prune_from}
         if recipe.distill is not None:
             summary["distill"] = {**recipe.distill.distillation().describe(), "epochs": recipe.distill.train.epochs,
                                   "teacher_outputs_used": self._teacher_outputs_used("distilled")}
@@ -361,7 +381,7 @@ class Runner:
         # fine-tuning; the gradual and iterative schedules start fine-tuning from the
         # unpruned model instead and reach the target on their way.
         pruned = produced["pruned"] = self._stage("pruned", make_pruned)
-        self._record({"stage": "prune", "event": "pruned", "global_sparsity": global_sparsity(pruned, masked_layers(pruned)),
+        self._record_event({"stage": "prune", "event": "pruned", "global_sparsity": global_sparsity(pruned, masked_layers(pruned)),
                       "layers": {k: v["sparsity"] for k, v in layer_sparsity(pruned, masked_layers(pruned)).items()}})
         subject, schedule = pruned, None
         if f is not None:
@@ -409,13 +429,14 @@ class Runner:
         Each round trains as its own stage (``finetuned_round<k>``) with its own
         checkpoint, so a killed run resumes inside the round it was in: pruning is
         deterministic, so earlier rounds replay to the same masks from their final
-        checkpoints. A rewinding snapshot taken mid-round is kept in ``checkpoints/``.
+        checkpoints. The rewinding snapshot is written to ``checkpoints/rewind.safetensors``
+        at the epoch it is taken, so a run resumed after that epoch still rewinds.
         """
         p, f, seed = self.recipe.prune, self.recipe.finetune, self.recipe.seed
         schedule = p.iterative
         round_train = f.train.model_copy(update={"epochs": f.train.epochs // schedule.rounds})
         rewind_file = self.run.root / "checkpoints" / "rewind.safetensors"
-        rewind_state = load_file(str(rewind_file)) if rewind_file.is_file() else None
+        rewind_state: dict[str, torch.Tensor] | None = None
         model = copy.deepcopy(unpruned)
         cache = None if source is None else self._teacher_cache(source, f.distillation(), round_train)
 
@@ -431,20 +452,29 @@ class Runner:
             if rewind_state is not None:
                 rewind_(model, rewind_state)
             snap = None
-            if k == 1 and rewind_state is None and schedule.rewind_epoch is not None:
+            if k == 1 and schedule.rewind_epoch is not None:
                 if schedule.rewind_epoch == 0:
                     rewind_state = keep_for_rewinding(snapshot_weights(model))
-                elif schedule.rewind_epoch > round_train.epochs:
-                    raise ConfigError(f"prune.iterative.rewind_epoch ({schedule.rewind_epoch}) is past a round's "
-                                      f"{round_train.epochs} epochs")
                 else:
                     snap = WeightSnapshot(model, schedule.rewind_epoch)
+
+            def on_epoch_end(record: dict[str, Any], snap: WeightSnapshot | None = snap) -> None:
+                if snap is not None and snap.state is None:
+                    snap(record)
+                    if snap.state is not None:  # written now: a resumed round 1 does not pass this epoch again
+                        keep_for_rewinding(snap.state)
+
             self._finetune_fit(model, f"finetuned_round{k}", round_train, source, seed + 3 + k, cache=cache,
-                               on_epoch_end=snap)
-            if snap is not None and snap.state is not None:
-                rewind_state = keep_for_rewinding(snap.state)
-            self._record({"stage": "prune", "event": "round", "round": k, "target_sparsity": target,
-                          "global_sparsity": global_sparsity(model, masked_layers(model))})
+                               on_epoch_end=on_epoch_end)
+            if snap is not None:
+                if snap.state is None:  # resumed past the snapshot's epoch: it was written then
+                    if not rewind_file.is_file():
+                        raise TrainingError(f"the rewinding snapshot of epoch {schedule.rewind_epoch} is missing "
+                                            f"from {rewind_file}: start the run again")
+                    snap.state = load_file(str(rewind_file))
+                rewind_state = snap.state
+            self._record_event({"stage": "prune", "event": "round", "round": k, "target_sparsity": target,
+                                "global_sparsity": global_sparsity(model, masked_layers(model))}, "round")
         return model
 
     def _sensitivity(self, model: nn.Module, sparsities: list[float], max_samples: int | None,
@@ -457,7 +487,9 @@ class Runner:
         path = self.run.root / f"{stem}.json"
         if path.is_file():
             done = SensitivityResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
-            if done.sparsities == list(sparsities) and done.criterion.split(",")[0] == base.criterion:
+            samples = len(self.splits.val.y) if max_samples is None else min(max_samples, len(self.splits.val.y))
+            if (done.sparsities == list(sparsities) and done.criterion.split(",")[0] == base.criterion
+                    and done.samples == samples):
                 return done  # the same sweep, finished earlier in this run folder
         config = SensitivityConfig(sparsities=sparsities, max_samples=max_samples,
                                    pruning=base.model_copy(update={"overrides": {
@@ -512,7 +544,7 @@ class Runner:
 
             model = prune_channels(unpruned, example, config, data, finetune=between)
             report = getattr(model, REPORT_ATTR)
-            self._record({"stage": "prune", "event": "channels_removed", **json.loads(json.dumps(
+            self._record_event({"stage": "prune", "event": "channels_removed", **json.loads(json.dumps(
                 report.to_dict(), default=str))})
             for item in report.unsupported:
                 _log(f"prune: left unpruned around {item}")
@@ -542,6 +574,8 @@ class Runner:
                 continue
             if structured and key in STRUCTURED_LABELS:
                 label = STRUCTURED_LABELS[key]
+                if key == "pruned" and self.recipe.prune.finetune_epochs_between_steps:
+                    label = "channels removed, fine-tuned between steps only"
             model = produced[key]
             accuracy = evaluate(model, self.splits.test, device=self.device, dist=self.dist)["accuracy"]
             if not self.dist.is_main:
@@ -581,6 +615,26 @@ class Runner:
         return out
 
 
+def _create_run(recipe: Recipe, out: str | Path | None, dist: Any) -> RunDir:
+    """A new run folder holding the resolved recipe; under torchrun rank 0 creates it.
+
+    Its name has a timestamp, so rank 0 tells the others which it is; an error there
+    is raised on every rank so that none waits forever.
+    """
+    created: str | ConfigError
+    try:
+        created = str(RunDir.create(out, recipe.name).root) if dist.is_main else ""
+    except ConfigError as exc:
+        created = exc
+    created = broadcast_object(created, dist)
+    if isinstance(created, ConfigError):
+        raise created
+    run = RunDir(created)
+    if dist.is_main:
+        atomic_write_text(run.recipe_path, recipe_to_yaml(recipe))
+    return run
+
+
 def recipe_sensitivity(recipe: Recipe | str | Path, out: str | Path | None = None, *,
                        run_dir: str | Path | None = None, overrides: list[str] | None = None,
                        sparsities: list[float] | None = None, max_samples: int | None = None,
@@ -600,15 +654,19 @@ def recipe_sensitivity(recipe: Recipe | str | Path, out: str | Path | None = Non
         >>> result, folder = ts.pipeline.recipe_sensitivity("recipes/fashion_mnist.yaml")  # doctest: +SKIP
         >>> result.layer_sparsities(0.9)  # doctest: +SKIP
     """
+    # Check the sweep before any stage runs (they can take a while).
+    section = SensitivitySection(**{k: v for k, v in {"sparsities": sparsities, "max_samples": max_samples}.items()
+                                    if v is not None})
+    sparsities = section.sparsities if sparsities is not None else None
     if run_dir is not None:
         run = RunDir.open_existing(run_dir)
         recipe = load_recipe(run.recipe_path)
+        dist, _ = init_distributed(recipe.device)
     else:
         if not isinstance(recipe, Recipe):
             recipe = load_recipe(recipe, overrides)
-        run = RunDir.create(out, recipe.name)
-        atomic_write_text(run.recipe_path, recipe_to_yaml(recipe))
-    dist, _ = init_distributed(recipe.device)
+        dist, _ = init_distributed(recipe.device)
+        run = _create_run(recipe, out, dist)
     try:
         result = Runner(recipe, run, progress=progress).sensitivity(sparsities, max_samples)
     finally:
@@ -627,19 +685,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, *, ov
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     dist, _ = init_distributed(recipe.device)
-    # Rank 0 creates the folder (its name has a timestamp) and tells the others;
-    # an error there is raised on every rank so none waits forever.
-    created: str | ConfigError
-    try:
-        created = str(RunDir.create(out, recipe.name).root) if dist.is_main else ""
-    except ConfigError as exc:
-        created = exc
-    created = broadcast_object(created, dist)
-    if isinstance(created, ConfigError):
-        raise created
-    run = RunDir(created)
-    if dist.is_main:
-        atomic_write_text(run.recipe_path, recipe_to_yaml(recipe))
+    run = _create_run(recipe, out, dist)
     try:
         Runner(recipe, run, progress=progress).execute()
     finally:
