@@ -114,30 +114,47 @@ class _Killed(Exception):
     pass
 
 
-def test_an_iterative_run_killed_after_its_rewinding_epoch_still_rewinds(iterative_run, tmp_path, monkeypatch):
+def _kill_in_round1_after_epoch(epoch: int, out: Path, monkeypatch) -> None:
+    """Run ITERATIVE into ``out``, dying right after round 1's epoch ``epoch`` (its files all written)."""
     import torchslim.pipeline.runner as runner_module
 
-    run, summary = iterative_run
     real_fit = runner_module.fit
 
-    def fit_killed_after_round1_epoch1(*args, stage=None, on_epoch_end=None, **kwargs):
+    def fit_killed(*args, stage=None, on_epoch_end=None, **kwargs):
         def hook(record):
             on_epoch_end(record)  # checkpoint, metrics and the rewinding snapshot are written first
-            if stage == "finetuned_round1" and record["epoch"] == 1:
+            if stage == "finetuned_round1" and record["epoch"] == epoch:
                 raise _Killed
 
         return real_fit(*args, stage=stage, on_epoch_end=hook, **kwargs)
 
-    monkeypatch.setattr(runner_module, "fit", fit_killed_after_round1_epoch1)
-    out = tmp_path / "killed"
+    monkeypatch.setattr(runner_module, "fit", fit_killed)
     with pytest.raises(_Killed):
         run_recipe(parse_recipe(ITERATIVE), out=out, progress=False)
     monkeypatch.undo()
+
+
+@pytest.mark.parametrize("snapshot_written", [True, False])
+def test_an_iterative_run_killed_after_its_rewinding_epoch_still_rewinds(iterative_run, tmp_path, monkeypatch,
+                                                                          snapshot_written):
+    run, summary = iterative_run
+    out = tmp_path / "killed"
+    _kill_in_round1_after_epoch(1, out, monkeypatch)  # rewind_epoch is 1
     assert (out / "checkpoints" / "rewind.safetensors").is_file()
+    if not snapshot_written:  # killed after the epoch's checkpoint, before the snapshot's file
+        (out / "checkpoints" / "rewind.safetensors").unlink()
     resume_run(out, progress=False)
     a = ts.load(run / "models" / "finetuned.slim").state_dict()
     b = ts.load(out / "models" / "finetuned.slim").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_lost_rewinding_snapshot_that_cannot_be_recovered_says_what_to_delete(tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    _kill_in_round1_after_epoch(2, out, monkeypatch)
+    (out / "checkpoints" / "rewind.safetensors").unlink()
+    with pytest.raises(ts.TrainingError, match=r"delete .*finetuned_round1\.pt and resume"):
+        resume_run(out, progress=False)
 
 
 def test_a_student_pruned_as_given_is_the_reports_reference(tmp_path):

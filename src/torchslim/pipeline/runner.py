@@ -64,6 +64,7 @@ from torchslim.prune import (
 from torchslim.prune.structured import prune_channels
 from torchslim.prune.structured.api import REPORT_ATTR
 from torchslim.train import Objective, TrainConfig, atomic_write_text, evaluate, fit
+from torchslim.train.checkpoint import load_checkpoint
 from torchslim.train.loop import count_steps
 from torchslim.train.distributed import barrier, broadcast_object, init_distributed, shutdown
 
@@ -457,6 +458,8 @@ class Runner:
                     rewind_state = keep_for_rewinding(snapshot_weights(model))
                 else:
                     snap = WeightSnapshot(model, schedule.rewind_epoch)
+                    if not rewind_file.is_file():
+                        snap.state = self._rewind_from_checkpoint(schedule.rewind_epoch, keep_for_rewinding)
 
             def on_epoch_end(record: dict[str, Any], snap: WeightSnapshot | None = snap) -> None:
                 if snap is not None and snap.state is None:
@@ -468,14 +471,32 @@ class Runner:
                                on_epoch_end=on_epoch_end)
             if snap is not None:
                 if snap.state is None:  # resumed past the snapshot's epoch: it was written then
-                    if not rewind_file.is_file():
-                        raise TrainingError(f"the rewinding snapshot of epoch {schedule.rewind_epoch} is missing "
-                                            f"from {rewind_file}: start the run again")
                     snap.state = load_file(str(rewind_file))
                 rewind_state = snap.state
             self._record_event({"stage": "prune", "event": "round", "round": k, "target_sparsity": target,
                                 "global_sparsity": global_sparsity(model, masked_layers(model))}, "round")
         return model
+
+    def _rewind_from_checkpoint(self, epoch: int, keep: Callable[[dict[str, torch.Tensor]], Any]
+                                ) -> dict[str, torch.Tensor] | None:
+        """Recover the rewinding snapshot when round 1 was interrupted without writing it.
+
+        The snapshot is written just after the epoch's checkpoint; a run killed in
+        between has a checkpoint at exactly that epoch, which holds the same weights.
+        A checkpoint past that epoch cannot give them back.
+        """
+        path = self.run.checkpoint("finetuned_round1")
+        if not path.is_file():
+            return None  # round 1 starts from scratch and takes the snapshot itself
+        state = load_checkpoint(path)
+        done, step = int(state["epoch"]), int(state.get("step", 0))
+        if done == epoch and step == 0:
+            weights = {k.removesuffix("_orig"): v for k, v in state["model"].items() if not k.endswith("_mask")}
+            return keep(weights)
+        if done > epoch or (done == epoch and step > 0):
+            raise TrainingError(f"the weights of epoch {epoch} to rewind to were not saved before round 1 went "
+                                f"past it: delete {path} and resume (round 1 is trained again)")
+        return None
 
     def _sensitivity(self, model: nn.Module, sparsities: list[float], max_samples: int | None,
                      base: UnstructuredPruning, stem: str = "sensitivity") -> SensitivityResult:
