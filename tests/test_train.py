@@ -151,3 +151,31 @@ def test_objectives_that_ask_for_it_get_each_batchs_row_indices(tiny_mlp, blobs)
     fit(tiny_mlp, blobs, TrainConfig(epochs=1, batch_size=16), objective=IndexedObjective(), progress=False)
     rows = torch.cat(seen)
     assert sorted(rows.tolist()) == list(range(len(blobs.y)))  # one epoch visits every row once
+
+
+def test_model_without_trainable_parameters_is_named_before_the_optimizer(tiny_mlp, blobs):
+    tiny_mlp.requires_grad_(False)
+    with pytest.raises(TrainingError, match=r"no trainable parameters \(all requires_grad=False\?\)"):
+        fit(tiny_mlp, blobs, CFG, progress=False)
+
+
+def test_fit_leaves_the_thread_count_alone(tiny_mlp, blobs):
+    before = torch.get_num_threads()
+    fit(tiny_mlp, blobs, TrainConfig(epochs=1, batch_size=64), progress=False)
+    assert torch.get_num_threads() == before
+
+
+def test_stop_flag_is_reduced_on_the_training_device(monkeypatch):
+    # NCCL cannot reduce a CPU tensor: the flag must be built on the training device.
+    from torchslim.train import loop
+
+    class Reduced(Exception):
+        pass
+
+    def all_reduce(tensor):
+        raise Reduced(tensor.device)
+
+    monkeypatch.setattr(loop.torch_dist, "all_reduce", all_reduce)
+    with pytest.raises(Reduced) as got:
+        loop._stop_everywhere(loop._StopRequest(), loop.DistContext(0, 2), None, torch.device("meta"))
+    assert got.value.args == (torch.device("meta"),)

@@ -1,4 +1,4 @@
-"""The training loop (``fit``), evaluation, checkpoints and atomic files."""
+"""The training loop (``fit``), evaluation, checkpoints, atomic files and metric loggers."""
 
 from torchslim.train.checkpoint import (
     atomic_path,
@@ -8,6 +8,15 @@ from torchslim.train.checkpoint import (
     save_checkpoint,
 )
 from torchslim.train.config import TrainConfig
+from torchslim.train.loggers import (
+    FanOutLogger,
+    JsonlLogger,
+    LoggerConfig,
+    MetricLogger,
+    MLflowLogger,
+    TensorBoardLogger,
+    make_logger,
+)
 from torchslim.train.loop import (
     CrossEntropyObjective,
     DistContext,
@@ -22,7 +31,13 @@ from torchslim.train.loop import (
 __all__ = [
     "CrossEntropyObjective",
     "DistContext",
+    "FanOutLogger",
+    "JsonlLogger",
+    "LoggerConfig",
+    "MLflowLogger",
+    "MetricLogger",
     "Objective",
+    "TensorBoardLogger",
     "TrainConfig",
     "atomic_path",
     "atomic_write_text",
@@ -33,5 +48,6 @@ __all__ = [
     "evaluate",
     "fit",
     "load_checkpoint",
+    "make_logger",
     "save_checkpoint",
 ]

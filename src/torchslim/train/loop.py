@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from torchslim.errors import ConfigError, TrainingError, TrainingInterrupted
 from torchslim.train.checkpoint import load_checkpoint, model_signature, save_checkpoint
 from torchslim.train.config import TrainConfig
+from torchslim.train.loggers import MetricLogger
 
 
 class TensorSplit(Protocol):
@@ -202,6 +203,8 @@ def fit(
     on_step_end: Callable[[int], None] | None = None,
     progress: bool | None = None,
     dist: DistContext | None = None,
+    logger: MetricLogger | None = None,
+    log_every_steps: int | None = 10,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place and return one metrics record per epoch.
 
@@ -226,6 +229,12 @@ def fit(
         dist: rank and world size; default read from ``torch.distributed``. Under
             DistributedDataParallel every step's ``batch_size`` samples are split
             across the ranks, so the updates match a single-process run.
+        logger: receives every epoch's record (``log_epoch``) and, every ``log_every_steps``
+            optimizer steps, that step's loss parts and learning rate (``log_step``, with the
+            global step counted from 1). Only rank 0 logs. ``fit`` never closes it (see
+            :mod:`torchslim.train.loggers`).
+        log_every_steps: how often per-step values go to ``logger``; None: epoch records
+            only. Each logged step reads its losses from the device (one sync).
 
     Returns:
         One dict per epoch trained in this call *and* before it (when resumed):
@@ -244,6 +253,10 @@ def fit(
     pass_index = bool(getattr(objective, "uses_index", False))
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if log_every_steps is not None and (isinstance(log_every_steps, bool) or not isinstance(log_every_steps, int)
+                                        or log_every_steps < 1):
+        raise ConfigError(f"log_every_steps must be a positive integer or None, got {log_every_steps!r}")
+    log_to = logger if dist.is_main else None  # rank 0 alone writes
     device = torch.device(device)
     n = len(train.y)
     if n < dist.world_size:
@@ -257,7 +270,14 @@ def fit(
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        # torch.optim would say only "optimizer got an empty parameter list".
+        raise TrainingError(
+            f"{stage}: the model has no trainable parameters (all requires_grad=False?): nothing to train. "
+            "Unfreeze the layers to train with model.requires_grad_(True) (a teacher frozen for distillation "
+            "is restored when distill() returns)")
+    optimizer = build_optimizer(trainable, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -337,9 +357,14 @@ def fit(
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
+                global_step = epoch * steps_per_epoch + step + 1
+                if log_to is not None and log_every_steps is not None and global_step % log_every_steps == 0:
+                    # Rank 0's own batch under DDP (no collective just for a log line).
+                    log_to.log_step(stage, global_step, {**{k: v.detach().float().item() for k, v in parts.items()},
+                                                         "lr": optimizer.param_groups[0]["lr"]})
                 scheduler.step()
                 if on_step_end is not None:
-                    on_step_end(epoch * steps_per_epoch + step + 1)
+                    on_step_end(global_step)
 
                 # Sums stay tensors: no host sync per step, only at the end of the epoch.
                 batch = len(y)
@@ -353,7 +378,7 @@ def fit(
 
                 last = step == steps_per_epoch - 1
                 # Under DDP every rank must stop at the same step: they agree every 20 steps.
-                stopping = _stop_everywhere(stop, dist, step)
+                stopping = _stop_everywhere(stop, dist, step, device)
                 if not last and (stopping or (checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0)):
                     save(epoch, step + 1, {"sums": {k: v.detach().cpu() for k, v in sums.items()},
                                            "correct": correct.detach().cpu(), "seen": seen,
@@ -384,26 +409,29 @@ def fit(
             save(epoch + 1, 0, None)
             if dist.world_size > 1:
                 torch_dist.barrier()  # nobody reads a checkpoint rank 0 is still writing
+            if log_to is not None:
+                log_to.log_epoch(stage, epoch + 1, record)
             if on_epoch_end is not None:
                 on_epoch_end(record)
             if not show and dist.is_main and progress is not False:
                 val_text = f" val_acc {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
                 print(f"[{stage}] epoch {epoch + 1}/{config.epochs} loss {record['train_loss']:.4f} "
                       f"acc {record['train_accuracy']:.4f}{val_text} ({seconds:.1f}s)", file=sys.stderr, flush=True)
-            if _stop_everywhere(stop, dist, None):
+            if _stop_everywhere(stop, dist, None, device):
                 raise TrainingInterrupted(f"{stage}: interrupted after epoch {epoch + 1}"
                                           + ("; a checkpoint was written" if checkpoint_path is not None else ""))
     return history
 
 
-def _stop_everywhere(stop: _StopRequest, dist: DistContext, step: int | None) -> bool:
+def _stop_everywhere(stop: _StopRequest, dist: DistContext, step: int | None, device: torch.device) -> bool:
     """Whether to stop now. Under DDP the ranks agree (at every 20th step, and at the end
     of an epoch when ``step`` is None) so that they all stop at the same point."""
     if dist.world_size == 1:
         return stop.requested
     if step is not None and step % 20 != 19:
         return False
-    flag = torch.tensor([1.0 if stop.requested else 0.0])
+    # On the training device: NCCL cannot reduce a CPU tensor (gloo takes either).
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
     torch_dist.all_reduce(flag)
     stop.requested = flag.item() > 0
     return stop.requested
