@@ -3,7 +3,9 @@
 Four parts, kept apart:
 
 * coupling (:mod:`~torchslim.prune.structured.graph`): a torch.fx dependency graph
-  that finds which channels of which layers must be removed together;
+  that finds which channels of which layers must be removed together, from one
+  channel rule per layer type and op (:mod:`~torchslim.prune.structured.rules`;
+  add one for your own layer with :func:`register_channel_rule`);
 * importance (:mod:`~torchslim.prune.structured.importance`): L1/L2 norm, BatchNorm
   gamma, Taylor or random scores per removable unit;
 * selection (:mod:`~torchslim.prune.structured.selection`): a ratio (global or per
@@ -25,11 +27,16 @@ Example:
 
 from torchslim.prune.structured.api import REPORT_ATTR, ChannelPruning, PruningReport, finetune, prune_channels
 from torchslim.prune.structured.graph import (
+    ChannelBuilder,
     ChannelGroup,
     DependencyGraph,
     FrozenGroup,
+    Tracked,
     Unsupported,
     build_dependency_graph,
+    passthrough,
+    per_channel_layer,
+    register_channel_rule,
 )
 from torchslim.prune.structured.history import HISTORY_ATTR, check_history, get_history, replay_history_
 from torchslim.prune.structured.importance import unit_scores
@@ -40,12 +47,14 @@ __all__ = [
     "HISTORY_ATTR",
     "REPORT_ATTR",
     "SURGERY",
+    "ChannelBuilder",
     "ChannelGroup",
     "ChannelPruning",
     "DependencyGraph",
     "FrozenGroup",
     "PrunedMultiheadAttention",
     "PruningReport",
+    "Tracked",
     "Unsupported",
     "apply_ops_",
     "build_dependency_graph",
@@ -53,7 +62,10 @@ __all__ = [
     "finetune",
     "get_history",
     "masked_reference",
+    "passthrough",
+    "per_channel_layer",
     "prune_channels",
+    "register_channel_rule",
     "register_surgery",
     "replay_history_",
     "unit_scores",
