@@ -11,16 +11,18 @@ Knowledge distillation and pruning, alone or chained, measured and exported::
     ts.save(student, "model.slim")
 """
 
-from torchslim import data, distill as _distill_pkg, export, measure, models, pipeline, prune, train  # noqa: F401
+# ``distill`` is the package torchslim.distill, which is callable: ts.distill(...) is the
+# verb and ``import torchslim.distill`` the package, whatever the import order (see its docstring).
+from torchslim import data, distill, export, measure, models, pipeline, prune, train  # noqa: F401
 from torchslim.config import Config, config_from_dict
-from torchslim.distill import AttentionConfig, DistillConfig, DKDConfig, HintConfig, KDConfig, derive_student, distill
+from torchslim.distill import AttentionConfig, DistillConfig, DKDConfig, HintConfig, KDConfig, derive_student
 from torchslim.errors import ConfigError, DataError, ExportError, ModelError, TorchSlimError, TrainingError
 from torchslim.export import export_onnx, load, save
 from torchslim.measure import profile
 from torchslim.pipeline import Recipe, load_recipe, resume_run, run_recipe
 from torchslim.prune import MagnitudePruning, UnstructuredPruning, finalize_, prune_
 from torchslim.prune.structured import ChannelPruning, prune_channels
-from torchslim.train import TrainConfig, evaluate, fit
+from torchslim.train import LoggerConfig, TrainConfig, evaluate, fit, make_logger
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,6 @@ __all__ = [
     "ExportError", "HintConfig", "KDConfig", "MagnitudePruning", "ModelError", "Recipe", "TorchSlimError",
     "TrainConfig", "TrainingError", "UnstructuredPruning", "config_from_dict", "data", "derive_student", "distill",
     "evaluate",
-    "export", "export_onnx", "finalize_", "fit", "load", "load_recipe", "measure", "models", "pipeline",
+    "export", "export_onnx", "finalize_", "fit", "load", "load_recipe", "make_logger", "measure", "models", "pipeline",
     "profile", "prune", "prune_", "prune_channels", "resume_run", "run_recipe", "save", "train",
 ]

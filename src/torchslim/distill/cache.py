@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 
 from torchslim.atomic import atomic_write_with
 from torchslim.distill.features import FeatureHooks
+from torchslim.distill.frozen import ModuleState
 from torchslim.errors import ConfigError, DataError, ModelError
 
 CACHE_VERSION = 1
@@ -166,13 +167,16 @@ class TeacherCache:
             device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
         if batch_size is None:
             batch_size = 256 if torch.device(device).type == "cpu" else 1024
+        # Eval mode while the outputs are computed, and back to the caller's modes after.
+        state = ModuleState(teacher)
         teacher.eval()
-        hooks = FeatureHooks(teacher, layers, "teacher")
+        hooks = FeatureHooks(teacher, (), "teacher")
         n = inputs.shape[0]
         feature_dtype = torch.float32 if cache_format == "fp32" else torch.float16
         out: dict[str, torch.Tensor] = {}
         num_classes = 0
         try:
+            hooks = FeatureHooks(teacher, layers, "teacher")
             for start in range(0, n, batch_size):
                 logits = teacher(inputs[start:start + batch_size].to(device))
                 if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
@@ -201,6 +205,7 @@ class TeacherCache:
                 hooks.clear()
         finally:
             hooks.remove()
+            state.restore()
         return cls(out, fingerprint=digest, cache_format=cache_format, top_k=top_k, num_samples=n,
                    num_classes=num_classes, layers=layers)
 

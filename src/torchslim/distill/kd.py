@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from torchslim.distill.checks import check_distill_layers
 from torchslim.distill.cache import (
     TeacherCache,
     cache_teacher_outputs,
@@ -18,7 +19,8 @@ from torchslim.distill.cache import (
 from torchslim.distill.configs import DistillConfig, DKDConfig, KDConfig, as_distill_config
 from torchslim.distill.features import FeatureHooks
 from torchslim.distill.losses import hinton_loss
-from torchslim.distill.objective import DistillObjective, check_same_classes, freeze_teacher
+from torchslim.distill.frozen import ModuleState, freeze_teacher, frozen_teacher
+from torchslim.distill.objective import DistillObjective, check_same_classes
 from torchslim.errors import ConfigError, DataError, ModelError
 from torchslim.train import TrainConfig, fit
 from torchslim.train.loop import TensorSplit
@@ -31,12 +33,26 @@ class KDObjective:
 
     :class:`~torchslim.distill.objective.DistillObjective` does this and more (cached
     teacher outputs, DKD, feature terms); this one needs no student at construction.
+    The teacher stays frozen until :meth:`close` (or the end of a ``with`` block).
     """
 
     def __init__(self, teacher: nn.Module, config: KDConfig, label_smoothing: float = 0.0):
+        self._teacher_state: ModuleState | None = ModuleState(teacher)
         self.teacher = freeze_teacher(teacher)
         self.config = config
         self.label_smoothing = label_smoothing
+
+    def close(self) -> None:
+        """Give the teacher back its train/eval modes and ``requires_grad`` flags."""
+        if self._teacher_state is not None:
+            self._teacher_state.restore()
+            self._teacher_state = None
+
+    def __enter__(self) -> "KDObjective":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
@@ -50,8 +66,11 @@ class KDObjective:
 @torch.no_grad()
 def estimate_cache_bytes(teacher: nn.Module, train: TensorSplit, config: DistillConfig) -> int:
     """Bytes the teacher-output cache of ``train`` would take (one teacher pass on one sample)."""
-    hooks = FeatureHooks(teacher, config.teacher_layers(), "teacher")
+    state = ModuleState(teacher)
+    teacher.eval()  # no BatchNorm statistics updated by this probe
+    hooks = FeatureHooks(teacher, (), "teacher")
     try:
+        hooks = FeatureHooks(teacher, config.teacher_layers(), "teacher")
         device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
         logits = teacher(train.x[:1].to(device))
         per_sample = {"fp32": 4 * logits.shape[1], "fp16": 2 * logits.shape[1],
@@ -60,6 +79,7 @@ def estimate_cache_bytes(teacher: nn.Module, train: TensorSplit, config: Distill
         per_sample += sum(hooks.take(name)[0].numel() * feature_bytes for name in config.teacher_layers())
     finally:
         hooks.remove()
+        state.restore()
     return per_sample * len(train.y)
 
 
@@ -112,7 +132,8 @@ def distill(
         student: any ``nn.Module`` (a zoo preset, :func:`derive_student`, a pruned model);
             trained in place.
         teacher: frozen (eval mode, no gradients) for the duration; a teacher in train
-            mode is switched to eval mode with a warning.
+            mode is switched to eval mode with a warning. Its modes and ``requires_grad``
+            flags are restored when ``distill`` returns or raises.
         train: training split with ``x`` and ``y``.
         config: :class:`KDConfig`, :class:`DKDConfig` or :class:`DistillConfig`.
         train_config: optimizer, schedule and batch size (default ``TrainConfig()``).
@@ -127,8 +148,10 @@ def distill(
     Raises:
         DataError: ``teacher_outputs="cached"`` (or a ``teacher_cache``) with inputs that
             change every epoch, or a ``teacher_cache`` built for another teacher or data.
-        ModelError: teacher and student predict different numbers of classes, or a hint
-            names a layer that does not exist.
+        ConfigError: a hint or attention layer names no module of its model (see
+            :func:`check_distill_layers`).
+        ModelError: teacher and student predict different numbers of classes, or hint
+            features whose shapes no adapter can map.
 
     Example:
         See ``examples/distill_and_prune.py``.
@@ -137,19 +160,20 @@ def distill(
     train_config = train_config or TrainConfig()
     if epochs is not None:
         train_config = TrainConfig(**{**train_config.model_dump(), "epochs": epochs})
-    freeze_teacher(teacher)
-    _check_outputs(student, teacher, train.x[:2])  # before a teacher pass over the whole dataset
-    say = _log if fit_kwargs.get("progress", None) is not False else (lambda message: None)
-    started = time.perf_counter()
-    cache = prepare_teacher_cache(teacher, train, cfg, train_config, teacher_cache=teacher_cache, cache_dir=cache_dir,
-                                  log=say)
-    cache_seconds = time.perf_counter() - started if cache is not None else 0.0
-    if cache is not None:
-        say(f"teacher outputs cached: {cache} in {cache_seconds:.1f}s")
-    with DistillObjective(student, teacher, cfg, example=train.x[:2], teacher_cache=cache,
-                          label_smoothing=train_config.label_smoothing) as objective:
-        records = fit(student, train, train_config, objective=objective, stage=fit_kwargs.pop("stage", "distill"),
-                      **fit_kwargs)
+    check_distill_layers(student, teacher, cfg)  # a misspelt layer fails before anything runs
+    with frozen_teacher(teacher):
+        _check_outputs(student, teacher, train.x[:2])  # before a teacher pass over the whole dataset
+        say = _log if fit_kwargs.get("progress", None) is not False else (lambda message: None)
+        started = time.perf_counter()
+        cache = prepare_teacher_cache(teacher, train, cfg, train_config, teacher_cache=teacher_cache,
+                                      cache_dir=cache_dir, log=say)
+        cache_seconds = time.perf_counter() - started if cache is not None else 0.0
+        if cache is not None:
+            say(f"teacher outputs cached: {cache} in {cache_seconds:.1f}s")
+        with DistillObjective(student, teacher, cfg, example=train.x[:2], teacher_cache=cache,
+                              label_smoothing=train_config.label_smoothing) as objective:
+            records = fit(student, train, train_config, objective=objective,
+                          stage=fit_kwargs.pop("stage", "distill"), **fit_kwargs)
     for record in records:
         record["teacher_outputs"] = objective.teacher_outputs
         record["cache_seconds"] = cache_seconds

@@ -21,7 +21,6 @@ them (and the hooks), leaving the student as it was built.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -31,20 +30,11 @@ import torch.nn.functional as F
 from torchslim.distill.cache import FEATURE_PREFIX, TeacherCache
 from torchslim.distill.configs import DistillConfig, KDConfig, DKDConfig, as_distill_config
 from torchslim.distill.features import FeatureHooks, make_adapter, match_spatial
+from torchslim.distill.frozen import ModuleState, freeze_teacher
 from torchslim.distill.losses import attention_loss, dkd_loss, hint_loss, hinton_loss
 from torchslim.errors import ModelError, TrainingError
 
 ADAPTERS_ATTR = "torchslim_distill_adapters"
-
-
-def freeze_teacher(teacher: nn.Module) -> nn.Module:
-    """Put ``teacher`` in eval mode with no gradients (BatchNorm/dropout frozen)."""
-    if teacher.training:
-        warnings.warn("the teacher was in train mode; torchslim switched it to eval mode for distillation",
-                      stacklevel=3)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
 
 
 def check_same_classes(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> None:
@@ -96,7 +86,8 @@ class DistillObjective:
     Args:
         student: the model being trained (any ``nn.Module``: a zoo preset, a pruned or masked
             model). Hooks and hint adapters are attached to it until :meth:`close`.
-        teacher: frozen here (eval mode, no gradients; warns if it was in train mode).
+        teacher: frozen here (eval mode, no gradients; warns if it was in train mode) until
+            :meth:`close`, which restores its modes and ``requires_grad`` flags.
         config: a :class:`DistillConfig`, or a bare :class:`KDConfig`/:class:`DKDConfig`.
         example: a few training inputs, needed when the config has hints (to size the adapters
             by running both models once in eval mode).
@@ -123,7 +114,6 @@ class DistillObjective:
                  example: torch.Tensor | None = None, teacher_cache: TeacherCache | None = None,
                  label_smoothing: float = 0.0):
         self.config = as_distill_config(config)
-        self.teacher = freeze_teacher(teacher)
         self.student = student
         self.cache = teacher_cache
         self.label_smoothing = label_smoothing
@@ -138,10 +128,17 @@ class DistillObjective:
             if missing:
                 raise ModelError(f"the teacher cache holds no features for teacher layers {missing}; "
                                  "build it with those layers")
-        self._student_hooks = FeatureHooks(student, self._student_layers, "student")
-        self._teacher_hooks = FeatureHooks(teacher, self._teacher_layers if teacher_cache is None else (), "teacher")
+        # Everything below is undone by close(), so a failure part way leaves no hook,
+        # no adapter and no frozen teacher behind.
+        self._student_hooks = FeatureHooks(student, (), "student")
+        self._teacher_hooks = FeatureHooks(teacher, (), "teacher")
         self._adapters: nn.ModuleList | None = None
+        self._teacher_state: ModuleState | None = ModuleState(teacher)
+        self.teacher = freeze_teacher(teacher)
         try:
+            self._student_hooks = FeatureHooks(student, self._student_layers, "student")
+            self._teacher_hooks = FeatureHooks(teacher, self._teacher_layers if teacher_cache is None else (),
+                                               "teacher")
             if cfg.hints is not None:
                 self._attach_adapters(example)
         except BaseException:
@@ -197,9 +194,12 @@ class DistillObjective:
         return IndexedSplit(self._recorder, split.y)
 
     def close(self) -> None:
-        """Remove the hooks and the adapters: the student and teacher are as before."""
+        """Remove the hooks and the adapters and unfreeze the teacher: both are as before."""
         self._student_hooks.remove()
         self._teacher_hooks.remove()
+        if self._teacher_state is not None:
+            self._teacher_state.restore()
+            self._teacher_state = None
         if self._adapters is not None and getattr(self.student, ADAPTERS_ATTR, None) is self._adapters:
             delattr(self.student, ADAPTERS_ATTR)
         self._adapters = None
