@@ -1,6 +1,6 @@
 """Counting: parameters, nonzero parameters, MACs and in-memory bytes.
 
-Masked models (``weight_orig`` + ``weight_mask``, see :mod:`torchslim.prune.masks`)
+Masked models (``weight_orig`` + ``weight_mask``, see :mod:`torchslim.core.masks`)
 are counted as what they compute: a masked weight counts once, with its pruned
 entries as zeros, and the mask buffer is bookkeeping, not part of the model.
 """
@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from torchslim.core.masks import finalize_, has_masks, is_masked
 from torchslim.errors import ModelError
-from torchslim.prune.masks import finalize_, is_masked
 
 
 def _call_args(example_inputs: Any) -> tuple[tuple, dict]:
@@ -38,15 +38,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
-
-
-def has_masks(model: nn.Module) -> bool:
-    """True when any tensor of ``model`` carries a pruning mask."""
-    return any(
-        pname.endswith("_orig") and is_masked(m, pname[: -len("_orig")])
-        for m in model.modules()
-        for pname in m._parameters
-    )
 
 
 def finalized_copy(model: nn.Module) -> nn.Module:
