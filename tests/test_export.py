@@ -66,10 +66,10 @@ def test_roundtrip_dense(tmp_path):
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     header = read_metadata(path)
-    assert header["format"] == "torchslim.slim" and header["version"] == 1
+    assert header["format"] == "torchslim.slim" and header["version"] == 3
     assert header["metadata"] == {"accuracy": 0.9}
     assert header["input_shape"] == [1, 28, 28]  # inferred from the preset
-    assert header["masked"] == []
+    assert header["masked"] == [] and header["transforms"] == [] and header["normalization"] is None
 
 
 def test_roundtrip_masked_keeps_masks_and_training(tmp_path):
@@ -127,7 +127,9 @@ def test_roundtrip_half_precision_and_special_values(tmp_path):
         model.classifier[0].weight[10, 0] = float("inf")
         model.classifier[0].weight[10, 1] = float("nan")
     model = model.half()
-    loaded = load(save(model, tmp_path / "h.slim"))
+    path = save(model, tmp_path / "h.slim")
+    assert load(path).classifier[0].weight.dtype == torch.float32  # float16 is only how it is stored
+    loaded = load(path, dtype=None)  # keep the stored dtype
     for k, v in model.state_dict().items():
         assert loaded.state_dict()[k].dtype == torch.float16
         assert torch.equal(torch.nan_to_num(v), torch.nan_to_num(loaded.state_dict()[k]))
@@ -157,7 +159,7 @@ def test_truncated_and_corrupt_files(tmp_path):
         "truncated": (data[: len(data) // 2], unreadable),
         "header-only": (data[:20], unreadable),
         "empty": (b"", unreadable),
-        "garbage": (b"not a safetensors file at all" * 10, unreadable),
+        "garbage": (b"not a safetensors file at all" * 10, "not a safetensors/.slim file"),
         "flipped": (data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:], "checksum"),  # damaged tensor data
     }
     for name, (content, message) in cases.items():
@@ -218,11 +220,15 @@ def test_missing_tensor_and_bad_version(tmp_path):
 # --- specs and factories ------------------------------------------------------
 
 
-def test_model_without_spec(tmp_path):
+def test_model_without_spec_needs_an_instance_to_load(tmp_path):
     model = nn.Sequential(nn.Linear(3, 2))
-    with pytest.raises(ExportError, match="torchslim.models.create"):
-        save(model, tmp_path / "m.slim")
-    assert not list(tmp_path.iterdir())
+    path = save(model, tmp_path / "m.slim")
+    assert read_metadata(path)["spec"] is None
+    with pytest.raises(ExportError, match=r"no architecture spec.*model=MyNet\(\)"):
+        load(path)
+    again = load(path, model=nn.Sequential(nn.Linear(3, 2)))
+    x = torch.randn(4, 3)
+    assert torch.equal(again(x), model(x))
 
 
 def test_bad_metadata_and_input_shape(tmp_path):
