@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import os
 import warnings
@@ -24,11 +25,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from torchslim.errors import ExportError
 from torchslim.atomic import atomic_path
-from torchslim.prune.masks import finalize_
+from torchslim.core.masks import finalize_
+from torchslim.errors import ExportError
 
 _INSTALL_HINT = "ONNX export needs onnx and onnxruntime: pip install torchslim[onnx]"
+#: ``metadata_props`` keys written by :func:`export_onnx` (values are JSON).
+META_INPUT_SHAPE = "torchslim.input_shape"
+META_MEAN = "torchslim.normalization.mean"
+META_STD = "torchslim.normalization.std"
 
 
 def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -91,6 +96,7 @@ def export_onnx(
     check: bool = True,
     atol: float = 1e-4,
     exporter: Literal["auto", "dynamo", "torchscript"] = "auto",
+    normalization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export a model to ONNX (batch dimension dynamic) and check it against PyTorch.
 
@@ -99,6 +105,12 @@ def export_onnx(
     ``check``, onnxruntime runs the file on ``example_inputs`` and on a batch of
     another size, and the largest absolute difference to PyTorch is reported.
     The file is written atomically (a failed export or check leaves no file).
+
+    What the model expects is written as ONNX ``metadata_props`` (JSON values):
+    ``torchslim.input_shape`` (one sample's shape, without the batch dimension;
+    a list of shapes for several inputs) and, with ``normalization``,
+    ``torchslim.normalization.mean`` / ``torchslim.normalization.std``; read them
+    back with :func:`read_onnx_metadata` (or :func:`torchslim.export.read_metadata`).
 
     Args:
         model: the model to export (dense, masked or finalized).
@@ -109,6 +121,8 @@ def export_onnx(
         atol: largest absolute output difference accepted by the check.
         exporter: ``"auto"`` tries torch's default (dynamo) exporter and falls back
             to the TorchScript one; ``"dynamo"`` / ``"torchscript"`` use only that one.
+        normalization: per-channel input normalization the model expects,
+            ``{"mean": [...], "std": [...]}`` (e.g. a dataset's ``splits.mean`` / ``splits.std``).
 
     Returns:
         ``{"path": str, "max_abs_diff": float | None (None without check),
@@ -138,6 +152,13 @@ def export_onnx(
         raise ExportError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
 
     inputs = tuple(t.detach().cpu() for t in _as_tuple(example_inputs))
+    shapes = [list(t.shape[1:]) for t in inputs]
+    props = {META_INPUT_SHAPE: json.dumps(shapes[0] if len(shapes) == 1 else shapes)}
+    if normalization is not None:
+        from torchslim.export.slim import check_normalization
+
+        norm = check_normalization(normalization, shapes[0] if len(shapes) == 1 and shapes[0] else None)
+        props.update({META_MEAN: json.dumps(norm["mean"]), META_STD: json.dumps(norm["std"])})
     export_model = copy.deepcopy(model).cpu()
     finalize_(export_model)
     export_model.eval()
@@ -159,6 +180,8 @@ def export_onnx(
             raise ExportError(f"could not export {type(model).__name__} to ONNX:\n" + "\n".join(errors))
 
         proto = onnx.load(os.fspath(tmp), load_external_data=False)
+        _set_props(proto, props)
+        onnx.save(proto, os.fspath(tmp))
         used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
         max_diff = None
         if check:
@@ -180,3 +203,62 @@ def export_onnx(
                 raise ExportError(f"ONNX outputs differ from PyTorch by {max_diff:.3g} > atol={atol:g} ({used} exporter)")
         size = tmp.stat().st_size
     return {"path": os.fspath(path), "max_abs_diff": max_diff, "opset": used_opset, "bytes": size, "exporter": used}
+
+
+def _set_props(proto: Any, props: dict[str, str]) -> None:
+    """Replace torchslim's entries of the model's ``metadata_props``, keeping everyone else's."""
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    for key, value in kept + sorted(props.items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """What an ONNX file written by :func:`export_onnx` says about its input.
+
+    Args:
+        path: an ``.onnx`` file.
+
+    Returns:
+        ``{"format": "onnx", "input_shape": list | None, "normalization":
+        {"mean": [...], "std": [...]} | None, "metadata_props": {key: value}}``
+        (``metadata_props`` holds every entry, as strings).
+
+    Raises:
+        ExportError: onnx is missing, the file is missing or not an ONNX model,
+            or a torchslim entry is not valid JSON.
+
+    Example:
+        >>> from torchslim.export import read_onnx_metadata
+        >>> read_onnx_metadata("/tmp/student.onnx")["input_shape"]  # doctest: +SKIP
+        [1, 28, 28]
+    """
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ExportError(_INSTALL_HINT) from exc
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: {'is a directory, not an ONNX file' if path.is_dir() else 'no such file'}")
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ExportError(f"{path}: not a readable ONNX file: {exc}") from exc
+    props = {p.key: p.value for p in proto.metadata_props}
+
+    def field(key: str) -> Any:
+        if key not in props:
+            return None
+        try:
+            return json.loads(props[key])
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"{path}: ONNX metadata {key!r} is not JSON: {exc}") from None
+
+    mean, std = field(META_MEAN), field(META_STD)
+    return {
+        "format": "onnx",
+        "input_shape": field(META_INPUT_SHAPE),
+        "normalization": {"mean": mean, "std": std} if mean is not None and std is not None else None,
+        "metadata_props": props,
+    }

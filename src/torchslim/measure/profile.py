@@ -178,11 +178,13 @@ def profile_file(
     *,
     factory: str | Callable[..., nn.Module] | None = None,
     latency: bool = True,
+    factory_hint: str | None = None,
 ) -> Profile:
     """Profile a saved ``.slim`` file, as ``torchslim profile model.slim`` does.
 
-    The model is loaded with :func:`torchslim.export.load`; the example input is
-    a standard-normal float32 sample of the ``input_shape`` stored in the file.
+    The model is loaded with :func:`torchslim.export.load`, in float32 whatever
+    the file stores (float16 is a storage format); the example input is a
+    standard-normal float32 sample of the ``input_shape`` stored in the file.
     ``file_bytes`` is the size of ``path`` itself.
 
     Args:
@@ -190,6 +192,9 @@ def profile_file(
         batch_sizes: batch sizes to time.
         factory: passed to :func:`torchslim.export.load`, for files naming user code.
         latency: measure latency.
+        factory_hint: what to tell the user when the file names an untrusted
+            factory, with ``{target}`` for its name (see :func:`torchslim.export.load`);
+            the default names both ``factory=`` and ``torchslim profile --factory``.
 
     Raises:
         ExportError: the file cannot be loaded or stores no input shape.
@@ -203,6 +208,10 @@ def profile_file(
     input_shape = read_metadata(path).get("input_shape")
     if not input_shape:
         raise ExportError(f"{path}: the file stores no input_shape, so no example input can be built; re-save it with save(..., input_shape=[C, H, W])")
-    model = load(path, factory=factory)
+    if factory_hint is None:
+        # Called from Python or from `torchslim profile`: name both ways to trust the factory.
+        factory_hint = ("pass factory={target!r} to profile_file() "
+                        "(on the command line: torchslim profile MODEL --factory {target})")
+    model = load(path, factory=factory, dtype=torch.float32, factory_hint=factory_hint)
     example = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0))
     return profile(model, example, batch_sizes=batch_sizes, file_bytes=os.path.getsize(path), latency=latency)
