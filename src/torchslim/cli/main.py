@@ -30,13 +30,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from torchslim.pipeline import resume_run, run_recipe
 
     if args.resume:
-        if args.recipe or args.set:
-            raise TorchSlimError("--resume continues a run with its own recorded recipe; give no RECIPE or --set")
-        run_dir = resume_run(args.resume)
+        if args.set or args.out:
+            raise TorchSlimError("--resume continues a run in its own folder; give no --set or --out (to change "
+                                 "stages, give the edited RECIPE: only the stages whose inputs changed run again)")
+        run_dir = resume_run(args.resume, store=args.store, trusted_factories=args.factory, recipe=args.recipe)
     else:
         if not args.recipe:
             raise TorchSlimError("give a RECIPE file, or --resume RUN_DIR")
-        run_dir = run_recipe(args.recipe, out=args.out, overrides=args.set)
+        run_dir = run_recipe(args.recipe, out=args.out, overrides=args.set, store=args.store)
     _print_report(run_dir)
     return 0
 
@@ -54,8 +55,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from torchslim.pipeline import load_recipe, recipe_to_yaml
 
+    from torchslim.pipeline.recipe import check_importable
+
     recipe = load_recipe(args.recipe, args.set)
-    print(f"{args.recipe}: valid")
+    check_importable(recipe)
+    print(f"{args.recipe}: valid (version 2, stages: {' -> '.join(recipe.stage_ids())})")
     if args.show:
         print(recipe_to_yaml(recipe))
     return 0
@@ -69,7 +73,8 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     if not args.run and not args.recipe:
         raise TorchSlimError("give a RECIPE file, or --run RUN_DIR")
     result, folder = recipe_sensitivity(args.recipe, out=args.out, run_dir=args.run, overrides=args.set,
-                                        sparsities=args.sparsities, max_samples=args.max_samples)
+                                        sparsities=args.sparsities, max_samples=args.max_samples,
+                                        trusted_factories=args.factory)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"run folder: {folder}")
@@ -132,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", nargs="?", help="YAML recipe file")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe value")
     run.add_argument("--out", help="run folder (default runs/<name>-<timestamp>)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (with RECIPE: an edited "
+                     "recipe, re-running exactly the stages whose inputs changed)")
+    run.add_argument("--store", metavar="DIR", help="keep stage outputs here, shared by every run given the same "
+                     "DIR (default RUN_DIR/store)")
+    run.add_argument("--factory", action="append", default=[], metavar="MODULE:FUNCTION",
+                     help="with --resume: trust this user model factory named by the run folder (imports its code)")
     run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", help="the full pipeline on Fashion-MNIST (recipes/fashion_mnist.yaml)")
@@ -155,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "or 0.3,0.5,0.7,0.8,0.9,0.95,0.98)")
     sens.add_argument("--max-samples", type=int, help="validation samples per measurement")
     sens.add_argument("--target", type=_fraction, help="also print per-layer sparsities reaching this overall sparsity")
+    sens.add_argument("--factory", action="append", default=[], metavar="MODULE:FUNCTION",
+                      help="with --run: trust this user model factory named by the run folder (imports its code)")
     sens.set_defaults(func=_cmd_sensitivity)
 
     models = sub.add_parser("models", help="list the model presets")

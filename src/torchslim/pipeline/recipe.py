@@ -1,53 +1,34 @@
-"""The recipe schema: the library's configs, serialized as YAML.
+"""The recipe schema (version 2): data, named models and an ordered list of stages.
 
-A recipe names the data, the teacher, the student and the stages to run
-(distill → prune → finetune → evaluate → export). Every section is a
-torchslim config; an unknown key, a wrong type or an out-of-range value is a
-:class:`~torchslim.errors.ConfigError` naming the key path. A user's model is
-named explicitly (``model: {factory: "mypkg.nets:build"}``) and is imported
-only because the recipe asks for it.
+Each stage is tagged by its ``kind`` and holds the library's own config
+objects unchanged (see :mod:`torchslim.pipeline.stages`). A stage reads the
+model named by ``input`` (default: the previous stage's output) and may name
+others (``teacher``); names are ``models`` entries or earlier stage ids. An
+unknown key, a wrong type, an out-of-range value or a name that refers to
+nothing is a :class:`~torchslim.errors.ConfigError` naming the key path.
+Version-1 recipes (fixed sections, no ``version`` key) are read and migrated
+(:mod:`torchslim.pipeline.migrate`).
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from torchslim.config import _NESTING, Config, format_validation_error, tagged_union
-from torchslim.distill import DistillConfig, KDConfig
-from torchslim.distill.configs import as_distill_config
 from torchslim.errors import ConfigError
-from torchslim.prune import IterativeSchedule, SensitivityConfig, UnstructuredPruning
-from torchslim.prune.structured import ChannelPruning
-from torchslim.train import TrainConfig
+from torchslim.pipeline.model_ref import ModelRef
+from torchslim.pipeline.stages import STAGES
 
-
-class ModelRef(Config):
-    """Which model: a zoo preset or a user factory, its arguments, and optional weights.
-
-    Attributes:
-        preset: a name from ``torchslim models``.
-        factory: ``"package.module:function"`` returning an ``nn.Module`` (user code).
-        args: keyword arguments of the preset or factory.
-        weights: a ``.slim`` file (or a plain ``.safetensors`` state dict) to load;
-            relative paths are resolved against the recipe's folder.
-    """
-
-    preset: str | None = None
-    factory: str | None = None
-    args: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "ModelRef":
-        if (self.preset is None) == (self.factory is None):
-            raise ValueError("set exactly one of 'preset' and 'factory'")
-        return self
+#: Largest recipe file read, and most YAML nodes walked (aliases included): a recipe is small.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_NODES = 200_000
+MAX_ERROR_LINES = 20
 
 
 class DataSection(Config):
@@ -56,7 +37,9 @@ class DataSection(Config):
     Attributes:
         dataset: ``fashion-mnist``, ``mnist``, ``digits`` (offline, from scikit-learn) or ``synthetic``.
         root: a folder holding the IDX files (tried first).
-        val_size: validation samples carved from the training set: a fraction when < 1 (default 0.1), else a count.
+        val_size: validation samples carved from the training set, as a count.
+        val_fraction: the same as a fraction of the training set (default 0.1 when
+            ``val_size`` is not set); set one of the two.
         train_limit: keep only this many training samples, for quick runs.
         test_limit: keep only this many test samples, for quick runs.
         download: allow downloading from the official mirror when no local copy exists.
@@ -64,299 +47,205 @@ class DataSection(Config):
 
     dataset: Literal["fashion-mnist", "mnist", "digits", "synthetic"] = "fashion-mnist"
     root: str | None = None
-    val_size: float = Field(0.1, ge=0)
+    val_size: int | None = Field(None, ge=0)
+    val_fraction: float | None = Field(None, ge=0.0, lt=1.0)
     train_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
     download: bool = True
 
-
-class TeacherStage(Config):
-    """The teacher: loaded from ``model.weights``, or trained with ``train``."""
-
-    model: ModelRef
-    train: TrainConfig | None = None
-
     @model_validator(mode="after")
-    def _weights_or_train(self) -> "TeacherStage":
-        if self.model.weights is None and self.train is None:
-            raise ValueError("the teacher needs 'model.weights' to load or a 'train' section to train it")
+    def _one_validation_size(self) -> "DataSection":
+        if self.val_size is not None and self.val_fraction is not None:
+            raise ValueError("set 'val_size' (a count) or 'val_fraction' (a fraction), not both")
         return self
 
-
-class StudentStage(Config):
-    """The student architecture, and optionally a baseline trained alone for comparison."""
-
-    model: ModelRef
-    baseline: TrainConfig | None = None
+    def validation(self) -> int | float:
+        """What :func:`torchslim.data.load_dataset` takes as ``val_size``."""
+        return self.val_size if self.val_size is not None else (0.1 if self.val_fraction is None else self.val_fraction)
 
 
-def _distillation(section: Config) -> DistillConfig:
-    """A section's distillation objective: ``objective`` when given, else its ``kd`` wrapped."""
-    if section.objective is not None:
-        return section.objective
-    return as_distill_config(section.kd if section.kd is not None else KDConfig())
+def _stage_kind(value: Any) -> str:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if isinstance(kind, str) else "?"
 
 
-def _kd_or_objective(section: Config) -> Config:
-    if section.kd is not None and section.objective is not None:
-        raise ValueError("set 'kd' (Hinton KD) or 'objective' (any distillation objective), not both")
-    return section
-
-
-class DistillStage(Config):
-    """Distill the teacher into the student.
-
-    Attributes:
-        kd: Hinton KD's temperature and alpha (the short form; default T = 4, alpha = 0.1
-            when neither ``kd`` nor ``objective`` is given).
-        objective: any distillation objective (:class:`~torchslim.distill.DistillConfig`:
-            ``logits`` KD or DKD, ``hints``, ``attention``, ``teacher_outputs`` cached or
-            online); replaces ``kd``.
-        train: optimizer, schedule and epochs.
-    """
-
-    kd: KDConfig | None = None
-    objective: DistillConfig | None = None
-    train: TrainConfig
-
-    _one_objective = model_validator(mode="after")(_kd_or_objective)
-
-    def distillation(self) -> DistillConfig:
-        """The objective this stage trains with."""
-        return _distillation(self)
-
-
-class SensitivitySection(Config):
-    """Per-layer sparsities from a sensitivity analysis of the unpruned model.
-
-    Each layer is pruned alone at every sparsity of ``sparsities`` and the
-    validation accuracy measured; the robust layers are then pruned more than the
-    sensitive ones so that the total is still the stage's ``sparsity``.
-
-    Attributes:
-        sparsities: the sweep, strictly increasing in (0, 1).
-        max_samples: validation samples per measurement (None: all).
-    """
-
-    sparsities: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98], min_length=1)
-    max_samples: int | None = Field(2000, ge=1)
-
-    _increasing = field_validator("sparsities")(SensitivityConfig._increasing.__func__)
-
-
-class UnstructuredPruneStage(UnstructuredPruning):
-    """Unstructured pruning (masks) of the model produced so far.
-
-    Every option of :class:`~torchslim.prune.UnstructuredPruning` (``criterion``,
-    ``sparsity``/``threshold``/``han_quality``/``n_m``, ``scope``, ``overrides``,
-    ``min_kept``, ``exclude_first_last``, ...) plus the schedule.
-
-    Attributes:
-        structured: ``false`` (the default): masks, not removed channels.
-        schedule: ``oneshot`` prunes once before fine-tuning; ``gradual`` ramps the
-            sparsity during fine-tuning along Zhu & Gupta's AGP schedule; ``iterative``
-            runs prune → retrain rounds (Han et al.) that share the fine-tuning epochs.
-        gradual_start: with ``gradual``, the fraction of the fine-tuning steps at which
-            pruning starts.
-        gradual_end: with ``gradual``, the fraction of the fine-tuning steps by which
-            the final sparsity is reached (the rest fine-tunes at that sparsity).
-        gradual_frequency: with ``gradual``, optimizer steps between mask updates.
-        iterative: with ``iterative``: ``rounds``, ``ramp`` and ``rewind_epoch``
-            (lottery-ticket style rewinding); ``finetune.train.epochs`` is split evenly
-            between the rounds.
-        sensitivity: set it to choose per-layer sparsities from a sensitivity analysis.
-    """
-
-    structured: Literal[False] = False
-    schedule: Literal["oneshot", "gradual", "iterative"] = "oneshot"
-    gradual_start: float = Field(0.0, ge=0.0, lt=1.0)
-    gradual_end: float = Field(0.3, gt=0.0, le=1.0)
-    gradual_frequency: int = Field(50, ge=1)
-    iterative: IterativeSchedule = Field(default_factory=IterativeSchedule)
-    sensitivity: SensitivitySection | None = None
-
-    @model_validator(mode="after")
-    def _schedule_fits_target(self) -> "UnstructuredPruneStage":
-        if self.schedule != "oneshot" and self.target != "sparsity":
-            raise ValueError(f"schedule {self.schedule!r} ramps a target 'sparsity' (this stage is set by "
-                             f"{self.target!r})")
-        if self.sensitivity is not None and self.target != "sparsity":
-            raise ValueError("'sensitivity' allocates a target 'sparsity' between layers: set 'sparsity'")
-        if self.gradual_start >= self.gradual_end:
-            raise ValueError(f"gradual_start ({self.gradual_start}) must be before gradual_end ({self.gradual_end})")
-        return self
-
-    def pruning_config(self) -> UnstructuredPruning:
-        """The library config this stage applies."""
-        return UnstructuredPruning(**self.model_dump(exclude=set(_STAGE_ONLY)))
-
-
-_STAGE_ONLY = ("structured", "schedule", "gradual_start", "gradual_end", "gradual_frequency", "iterative",
-               "sensitivity")
-
-
-class StructuredPruneStage(ChannelPruning):
-    """Structured pruning: channels, neurons and heads physically removed.
-
-    Every option of :class:`~torchslim.prune.structured.ChannelPruning` (``ratio``,
-    ``target_macs``, ``target_params``, ``importance``, ``steps``, ``round_to``,
-    ``scope``, ``overrides``, ``exclude``, ...).
-
-    Attributes:
-        structured: ``true``.
-        finetune_epochs_between_steps: with ``steps`` > 1, epochs of fine-tuning after
-            every step but the last (with the ``finetune`` section's optimizer and teacher);
-            the ``finetune`` stage then fine-tunes the final model.
-    """
-
-    structured: Literal[True]
-    finetune_epochs_between_steps: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _between_needs_steps(self) -> "StructuredPruneStage":
-        if self.finetune_epochs_between_steps and self.steps < 2:
-            raise ValueError("finetune_epochs_between_steps fine-tunes between pruning steps: set steps >= 2")
-        return self
-
-    def pruning_config(self) -> ChannelPruning:
-        """The library config this stage applies."""
-        return ChannelPruning(**self.model_dump(exclude={"structured", "finetune_epochs_between_steps"}))
-
-
-def _prune_kind(value: Any) -> str:
-    structured = value.get("structured", False) if isinstance(value, dict) else getattr(value, "structured", False)
-    if not isinstance(structured, bool):
-        return "not-a-bool"  # no such choice: the union's own message names the key
-    return "structured" if structured else "unstructured"
-
-
-#: The ``prune`` section: ``structured: true`` selects channel pruning, otherwise masks.
-PruneStage = tagged_union({"unstructured": UnstructuredPruneStage, "structured": StructuredPruneStage}, _prune_kind,
-                          "prune: 'structured' must be true or false")
-
-
-class FinetuneStage(Config):
-    """Fine-tune the pruned model (masks stay fixed).
-
-    Attributes:
-        train: optimizer, schedule and epochs.
-        distill_from: ``unpruned`` (the model before pruning, as teacher), ``teacher``
-            (the recipe's teacher) or ``none`` (labels only).
-        kd: temperature and alpha when distilling (the short form).
-        objective: any distillation objective, replacing ``kd`` (see ``distill.objective``).
-    """
-
-    train: TrainConfig
-    distill_from: Literal["none", "teacher", "unpruned"] = "unpruned"
-    kd: KDConfig | None = None
-    objective: DistillConfig | None = None
-
-    _one_objective = model_validator(mode="after")(_kd_or_objective)
-
-    def distillation(self) -> DistillConfig:
-        """The objective used when ``distill_from`` is not ``none``."""
-        return _distillation(self)
-
-
-class EvaluateStage(Config):
-    """What to measure for every model in the report.
-
-    Attributes:
-        latency: measure CPU latency (median of repeated forward passes after warm-up).
-        latency_batch_sizes: batch sizes to time.
-        latency_budget_s: seconds of timed passes per measurement (more is steadier).
-    """
-
-    latency: bool = True
-    latency_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 256], min_length=1)
-    latency_budget_s: float = Field(1.0, gt=0.0, le=60.0)
-
-
-class ExportStage(Config):
-    """Export of the final model.
-
-    Attributes:
-        onnx: write ``model.onnx`` and check it against onnxruntime.
-        onnx_atol: largest accepted difference between onnxruntime and PyTorch outputs.
-        weights_dtype: storage type of the floating-point tensors in ``model.slim``;
-            ``float16`` halves the file (loading casts back with ``model.float()``).
-    """
-
-    onnx: bool = True
-    onnx_atol: float = Field(1e-4, gt=0.0)
-    weights_dtype: Literal["float32", "float16"] = "float32"
+#: One stage of a recipe: the config class of its ``kind``.
+StageSpec = tagged_union({kind: cls.Config for kind, cls in STAGES.items()}, _stage_kind,
+                         f"each stage needs 'kind': one of {', '.join(STAGES)}")
 
 
 class Recipe(Config):
     """A whole compression run.
 
     Attributes:
+        version: the schema version, 2.
         name: used in the run folder's name.
-        seed: fixes model initialisation, batch order and dropout.
+        seed: fixes initialisation, batch order and dropout; each stage's seed is derived
+            from it and the stage's id.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast for training.
         threads: torch CPU threads (default: torch's own choice).
         data: the dataset.
-        teacher, student, distill, prune, finetune: the stages; leave one out to skip it.
-        evaluate, export: measurement and export of the results.
+        models: the models the stages start from, by name (e.g. ``teacher``, ``student``).
+        stages: what to do, in order.
+        loggers: where training metrics go besides ``metrics.jsonl``: ``tensorboard``, ``mlflow``.
     """
 
+    model_config = ConfigDict(**Config.model_config, populate_by_name=True)
+    version: ClassVar[int] = 2
+    schema_version: Literal[2] = Field(2, alias="version")
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**63)
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=1024)
     data: DataSection = Field(default_factory=DataSection)
-    teacher: TeacherStage | None = None
-    student: StudentStage | None = None
-    distill: DistillStage | None = None
-    prune: PruneStage | None = None  # type: ignore[valid-type]
-    finetune: FinetuneStage | None = None
-    evaluate: EvaluateStage = Field(default_factory=EvaluateStage)
-    export: ExportStage = Field(default_factory=ExportStage)
+    models: dict[str, ModelRef] = Field(..., min_length=1)
+    stages: list[StageSpec] = Field(default_factory=list)  # type: ignore[valid-type]
+    loggers: list[Literal["jsonl", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["jsonl"])
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, v: dict[str, ModelRef]) -> dict[str, ModelRef]:
+        for name in v:
+            if not name.isidentifier():
+                raise ValueError(f"model name {name!r} must be a plain identifier (letters, digits, _)")
+        return v
 
     @model_validator(mode="after")
-    def _stages_fit_together(self) -> "Recipe":
-        if self.teacher is None and self.student is None:
-            raise ValueError("a recipe needs a 'teacher' or a 'student' section")
-        if self.distill is not None and (self.teacher is None or self.student is None):
-            raise ValueError("'distill' needs both a 'teacher' and a 'student' section")
-        p = self.prune
-        if isinstance(p, UnstructuredPruneStage) and p.schedule != "oneshot" and self.finetune is None:
-            raise ValueError(f"prune.schedule {p.schedule!r} prunes while fine-tuning: add a 'finetune' section")
-        if isinstance(p, UnstructuredPruneStage) and p.schedule == "iterative" and self.finetune is not None:
-            rounds, epochs = p.iterative.rounds, self.finetune.train.epochs
-            if epochs % rounds:
-                raise ValueError(f"prune.iterative.rounds ({rounds}) must divide finetune.train.epochs ({epochs}): "
-                                 "the rounds share the fine-tuning epochs evenly")
-            rewind = p.iterative.rewind_epoch
-            if rewind is not None and rewind > epochs // rounds:
-                raise ValueError(f"prune.iterative.rewind_epoch ({rewind}) is past a round's {epochs // rounds} "
-                                 "epochs (finetune.train.epochs / rounds)")
-        if isinstance(p, StructuredPruneStage) and p.finetune_epochs_between_steps and self.finetune is None:
-            raise ValueError("prune.finetune_epochs_between_steps uses the 'finetune' section's optimizer: add one")
-        if self.finetune is not None and self.prune is None:
-            raise ValueError("'finetune' fine-tunes a pruned model: add a 'prune' section")
-        if self.finetune is not None and self.finetune.distill_from == "teacher" and self.teacher is None:
-            raise ValueError("finetune.distill_from is 'teacher' but the recipe has no 'teacher' section")
+    def _resolve_stages(self) -> "Recipe":
+        """Give every stage its id and its input, and check that every name refers to something earlier."""
+        seen_kinds: dict[str, int] = {}
+        models = set(self.models)
+        produced: list[str] = []  # models and outputs of earlier model-producing stages, in order
+        resolved = []
+        for i, stage in enumerate(self.stages):
+            n = seen_kinds[stage.kind] = seen_kinds.get(stage.kind, 0) + 1
+            stage_id = stage.id or (stage.kind if n == 1 else f"{stage.kind}_{n}")
+            where = f"stages.{i} ({stage_id})"
+            if stage_id in models or stage_id in [s.id for s in resolved]:
+                raise ValueError(f"{where}: id {stage_id!r} is used twice (ids and model names share one namespace)")
+            known = [*models, *produced]
+            source = stage.input or (produced[-1] if produced else next(iter(self.models)))
+            for name in [source, *stage.references()]:
+                if name not in known:
+                    raise ValueError(f"{where}: {name!r} names no model and no earlier stage; known: "
+                                     f"{', '.join(known) or '(none)'}")
+            resolved.append(stage.model_copy(update={"id": stage_id, "input": source}))
+            if STAGES[stage.kind].produces_model:
+                produced.append(stage_id)
+        object.__setattr__(self, "stages", resolved)  # frozen config: set once, while validating
         return self
+
+    def stage_ids(self) -> list[str]:
+        return [s.id for s in self.stages]
+
+
+def _count_nodes(node: Any, budget: list[int], path: str, source: str) -> None:
+    """Walk the document (aliases are walked again each time): keys must be strings, and size is bounded."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"{source}: the recipe is too large (over {MAX_NODES:,} values once YAML aliases are "
+                          "expanded); a recipe is a short file")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                where = f"{path}." if path else ""
+                raise ConfigError(f"{source}: invalid recipe:\n{where}{key!r}: keys must be names (strings)")
+            _count_nodes(value, budget, f"{path}.{key}" if path else key, source)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _count_nodes(item, budget, f"{path}.{i}", source)
+
+
+def _short(lines: str) -> str:
+    parts = lines.splitlines()
+    if len(parts) <= MAX_ERROR_LINES:
+        return lines
+    return "\n".join(parts[:MAX_ERROR_LINES] + [f"... and {len(parts) - MAX_ERROR_LINES} more errors"])
+
+
+def _absolute(doc: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Weights paths against the recipe's folder; factories import from there too."""
+    doc = copy.deepcopy(doc)
+    for ref in (doc.get("models") or {}).values():
+        if not isinstance(ref, dict):
+            continue
+        if isinstance(ref.get("weights"), str) and not Path(ref["weights"]).is_absolute():
+            ref["weights"] = str((base_dir / ref["weights"]).resolve())
+        if ref.get("factory") is not None and ref.get("path") is None:
+            ref["path"] = str(base_dir.resolve())
+    return doc
+
+
+def parse_recipe(doc: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe document (a dict from YAML, v1 or v2) into a v2 :class:`Recipe`.
+
+    Relative weight paths are made absolute against ``base_dir`` so the resolved
+    recipe written into a run folder stays valid from anywhere.
+    """
+    from torchslim.pipeline.migrate import is_v1, migrate_v1  # noqa: PLC0415 (migrate imports this module)
+
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {type(doc).__name__}")
+    try:
+        _count_nodes(doc, [MAX_NODES], "", source)
+    except RecursionError:
+        raise ConfigError(f"{source}: the recipe is nested too deeply to be a recipe") from None
+    if is_v1(doc):
+        doc = migrate_v1(doc, source, base_dir)
+    elif base_dir is not None:
+        doc = _absolute(doc, base_dir)
+    token = _NESTING.set(1)  # nested: pydantic's error (with full key paths) reaches us here
+    try:
+        return Recipe.model_validate(doc)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"{source}: invalid recipe:\n{_short(format_validation_error(exc))}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: invalid recipe: {exc}") from None
+    finally:
+        _NESTING.reset(token)
 
 
 def _set_path(doc: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
-    node = doc
+    node: Any = doc
     for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"--set {dotted}: '{'.'.join(keys[:i + 1])}' is not an index of the list")
+            node = node[int(key)]
+            continue
         child = node.get(key)
         if child is None:
             child = node[key] = {}
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"--set {dotted}: '{'.'.join(keys[:i + 1])}' is not a section")
         node = child
-    node[keys[-1]] = value
+    if isinstance(node, list):
+        last = keys[-1]
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {dotted}: '{last}' is not an index of the list")
+        node[int(last)] = value
+    else:
+        node[keys[-1]] = value
+
+
+def _stage_alias(doc: dict[str, Any], dotted: str) -> str:
+    """``stages.<id>.key`` addresses a stage by id as well as by index."""
+    parts = dotted.split(".")
+    if len(parts) > 1 and parts[0] == "stages" and not parts[1].isdigit() and isinstance(doc.get("stages"), list):
+        ids = [s.get("id") or s.get("kind") for s in doc["stages"] if isinstance(s, dict)]
+        if parts[1] in ids:
+            parts[1] = str(ids.index(parts[1]))
+    return ".".join(parts)
 
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) to a recipe document."""
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a recipe document.
+
+    In a v2 recipe a stage is addressed by index or id: ``stages.finetune.train.lr=0.01``.
+    """
     doc = copy.deepcopy(doc)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -366,68 +255,34 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
-        _set_path(doc, key.strip(), value)
+        _set_path(doc, _stage_alias(doc, key.strip()), value)
     return doc
 
 
-def _check_keys(node: Any, path: str, source: str) -> None:
-    """Every mapping key in a recipe must be a string (YAML allows ``? 1`` or ``null:``)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if not isinstance(key, str):
-                where = f"{path}." if path else ""
-                raise ConfigError(f"{source}: invalid recipe:\n{where}{key!r}: keys must be names (strings)")
-            _check_keys(value, f"{path}.{key}" if path else key, source)
-    elif isinstance(node, list):
-        for i, item in enumerate(node):
-            _check_keys(item, f"{path}.{i}", source)
-
-
-def parse_recipe(doc: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
-    """Validate a recipe document (a dict from YAML) into a :class:`Recipe`.
-
-    Relative weight paths are made absolute against ``base_dir`` so the resolved
-    recipe written into a run folder stays valid from anywhere.
-    """
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {type(doc).__name__}")
-    _check_keys(doc, "", source)
-    try:
-        # model_validate goes through Config.__init__; mark it as nested so pydantic's
-        # error (with full key paths) reaches us here.
-        token = _NESTING.set(1)
-        try:
-            recipe = Recipe.model_validate(doc)
-        finally:
-            _NESTING.reset(token)
-    except pydantic.ValidationError as exc:
-        raise ConfigError(f"{source}: invalid recipe:\n{format_validation_error(exc)}") from None
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: invalid recipe: {exc}") from None
-    if base_dir is not None:
-        updates = {}
-        for section in ("teacher", "student"):
-            stage = getattr(recipe, section)
-            if stage is not None and stage.model.weights and not Path(stage.model.weights).is_absolute():
-                weights = str((base_dir / stage.model.weights).resolve())
-                model = stage.model.model_copy(update={"weights": weights})
-                updates[section] = stage.model_copy(update={"model": model})
-        if updates:
-            recipe = recipe.model_copy(update=updates)
-    return recipe
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a YAML recipe file."""
+def read_recipe_document(path: str | Path) -> Any:
+    """The YAML document of a recipe file (bounded in size; a clear error for bad bytes or YAML)."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a recipe "
+                              f"(at most {MAX_RECIPE_BYTES:,})")
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
     try:
-        doc = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply to be a recipe") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a YAML recipe file (v1 recipes are migrated)."""
+    path = Path(path)
+    doc = read_recipe_document(path)
     if overrides:
         doc = apply_overrides(doc if isinstance(doc, dict) else {}, overrides)
     return parse_recipe(doc, str(path), path.parent)
@@ -435,4 +290,34 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe (every default written out) as YAML."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def factories(recipe: Recipe) -> set[str]:
+    """Every user factory a recipe names (the code it would import)."""
+    return {ref.factory for ref in recipe.models.values() if ref.factory is not None}
+
+
+def check_importable(recipe: Recipe) -> None:
+    """Every factory's module can be found (without importing, so without running it).
+
+    Raises:
+        ConfigError: naming the factory and where it was looked for.
+    """
+    import importlib.util  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    for name, ref in recipe.models.items():
+        if ref.factory is None:
+            continue
+        module = ref.factory.partition(":")[0]
+        sys.path.insert(0, ref.path or ".")
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a bad name
+            found = False
+        finally:
+            sys.path.pop(0)
+        if not found:
+            raise ConfigError(f"models.{name}.factory: module {module!r} is not importable from "
+                              f"{ref.path or 'the working directory'} or the installed packages")

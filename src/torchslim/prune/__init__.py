@@ -12,7 +12,8 @@ Four parts kept apart (STYLE item 4):
 
 ``prune_(model, UnstructuredPruning(...), data)`` adds or updates masks in place;
 :func:`sensitivity_analysis` measures each layer alone; :func:`pruning_summary`
-gives a report its table and one-line description.
+gives a report its table and one-line description. :func:`check_pruning` (names,
+N:M divisibility) checks a config against a model before anything trains.
 """
 
 from torchslim.prune.api import prune_, register_pruning_handler
@@ -47,9 +48,16 @@ from torchslim.prune.masks import (
     layer_sparsity,
     masked_layers,
 )
-from torchslim.prune.schedule import AGPSchedule, at_sparsity, gradual_pruning_hook
+from torchslim.prune.schedule import AGPSchedule, GradualSchedule, at_sparsity, gradual_pruning_hook
 from torchslim.prune.selection import first_and_last, name_matches, resolve_override, select_layers
-from torchslim.prune.unstructured import UnstructuredPruning, check_n_m, importance_context, pruning_layers
+from torchslim.prune.unstructured import (
+    UnstructuredPruning,
+    check_n_m,
+    check_n_m_divisible,
+    check_unstructured_names,
+    importance_context,
+    pruning_layers,
+)
 from torchslim.prune.iterative import (  # noqa: I001  (needs schedule and unstructured first)
     IterativeSchedule,
     WeightSnapshot,
@@ -59,10 +67,12 @@ from torchslim.prune.iterative import (  # noqa: I001  (needs schedule and unstr
 )
 from torchslim.prune.sensitivity import SensitivityConfig, SensitivityResult, sensitivity_analysis
 from torchslim.prune.report import describe_pruning, pruning_summary, sparsity_table
+from torchslim.prune.checks import check_layer_names, check_pruning
 
 
 __all__ = [
     "AGPSchedule",
+    "GradualSchedule",
     "CRITERIA",
     "GRADIENT_CRITERIA",
     "ImportanceContext",
@@ -75,7 +85,11 @@ __all__ = [
     "apply_mask_",
     "as_unstructured",
     "at_sparsity",
+    "check_layer_names",
     "check_n_m",
+    "check_n_m_divisible",
+    "check_pruning",
+    "check_unstructured_names",
     "compute_scores",
     "describe_pruning",
     "effective_weight",

@@ -89,13 +89,16 @@ class WeightSnapshot:
         ['classifier.0.bias', 'classifier.0.weight']
     """
 
-    def __init__(self, model: nn.Module, epoch: int):
-        self.model, self.epoch = model, epoch
+    def __init__(self, model: nn.Module, epoch: int,
+                 on_snapshot: Callable[[dict[str, torch.Tensor]], None] | None = None):
+        self.model, self.epoch, self.on_snapshot = model, epoch, on_snapshot
         self.state: dict[str, torch.Tensor] | None = None
 
     def __call__(self, record: dict[str, Any]) -> None:
         if record.get("epoch") == self.epoch:
             self.state = snapshot_weights(self.model)
+            if self.on_snapshot is not None:
+                self.on_snapshot(self.state)
 
 
 def rewind_(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -141,6 +144,8 @@ def prune_iteratively(
     device: str | torch.device = "cpu",
     on_round_end: Callable[[dict[str, Any]], None] | None = None,
     progress: bool | None = False,
+    fit_round: Callable[..., list[dict[str, Any]]] | None = None,
+    on_snapshot: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Prune ``model`` in ``schedule.rounds`` prune -> retrain rounds (in place).
 
@@ -165,6 +170,11 @@ def prune_iteratively(
         device: where training runs.
         on_round_end: called with ``{"round", "target_sparsity", "sparsity", "val_accuracy"?}``.
         progress: progress bars, as in ``fit``.
+        fit_round: trains one round instead of ``fit``:
+            ``fit_round(model, k, train_config, seed, on_epoch_end) -> records`` (the
+            pipeline uses it to checkpoint each round and distill from a teacher).
+        on_snapshot: called with the rewinding snapshot when it is taken (the pipeline
+            writes it to disk, so that a run resumed after that epoch still rewinds).
 
     Returns:
         Every epoch record from every round, each with ``round`` and ``target_sparsity`` added.
@@ -201,15 +211,23 @@ def prune_iteratively(
         if rewind_state is None and schedule.rewind_epoch is not None and k == 1:
             if schedule.rewind_epoch == 0:
                 rewind_state = snapshot_weights(model)
+                if on_snapshot is not None:
+                    on_snapshot(rewind_state)
             else:
                 if schedule.rewind_epoch > train_config.epochs:
                     raise ConfigError(f"rewind_epoch={schedule.rewind_epoch} is past the round's "
                                       f"{train_config.epochs} epochs")
-                snap = WeightSnapshot(model, schedule.rewind_epoch)
-        records = fit(model, train, train_config, val=val, objective=objective, seed=seed + k, device=device,
-                      stage=f"prune round {k}", on_epoch_end=snap, progress=progress)
+                snap = WeightSnapshot(model, schedule.rewind_epoch, on_snapshot)
+        if fit_round is not None:
+            records = fit_round(model, k, train_config, seed + k, snap)
+        else:
+            records = fit(model, train, train_config, val=val, objective=objective, seed=seed + k, device=device,
+                          stage=f"prune round {k}", on_epoch_end=snap, progress=progress)
         if snap is not None:
             rewind_state = snap.state
+            if rewind_state is None:
+                raise ConfigError(f"round 1 finished without passing epoch {schedule.rewind_epoch}, the epoch to "
+                                  "rewind to (it was resumed past it): pass rewind_to= with the saved weights")
         for r in records:
             history.append({**r, "round": k, "target_sparsity": target})
         summary = {"round": k, "target_sparsity": target, "sparsity": global_sparsity(model, masked_layers(model))}
