@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         emit({"event": "dense", "model": name, **base})
         for factor in [float(f) for f in args.factors.split(",")]:
             t0 = time.perf_counter()
-            ours = prune_channels(dense, x1, torchslim_config(1.0 / factor, args))
+            ours = prune_channels(dense, x1, torchslim_config(1.0 / factor, args)).model
             candidates = [("torchslim", ours, {"prune_seconds": time.perf_counter() - t0, "matched_to": None})]
             if have_tp:
                 for mode, global_pruning in (("torch_pruning_uniform", False), ("torch_pruning_global", True)):
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                     macs = count_macs(theirs, x1)
                     if macs < 0.98 * count_macs(ours, x1):
                         t0 = time.perf_counter()
-                        matched = prune_channels(dense, x1, torchslim_config(macs / base["macs"], args))
+                        matched = prune_channels(dense, x1, torchslim_config(macs / base["macs"], args)).model
                         candidates.append(("torchslim", matched, {"prune_seconds": time.perf_counter() - t0,
                                                                  "matched_to": mode}))
             for tool, model, extra in candidates:
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         model = create(name, in_channels=shape[0], input_size=shape[1]).eval()
         try:
-            pruned = prune_channels(model, x1, torchslim_config(0.5, args))
-            report = pruned.torchslim_pruning_report
+            result = prune_channels(model, x1, torchslim_config(0.5, args))
+            pruned, report = result.model, result.report
             rec = {"event": "other_models", "model": name, "ok": report.target_met,
                    "macs_before": report.macs_before, "macs_after": report.macs_after,
                    "params_before": report.params_before, "params_after": report.params_after,

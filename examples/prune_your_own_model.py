@@ -67,13 +67,13 @@ def main(out_dir: Path) -> dict:
     dense_accuracy = ts.evaluate(model, splits.test)["accuracy"]
 
     example = splits.test.x[:1]
-    small = prune_channels(
+    result = prune_channels(
         model, example, ChannelPruning(target_macs=0.5, steps=2, importance="l2", round_to=4),
         finetune=lambda m: finetune(m, splits.train, ts.TrainConfig(epochs=1, lr=1e-3, batch_size=64),
                                     teacher=model, progress=False),
     )
+    small, report = result.model, result.report
     small.eval()
-    report = small.torchslim_pruning_report
     print(f"MACs {report.macs_before:,} -> {report.macs_after:,}, params {report.params_before:,} -> "
           f"{report.params_after:,}")
 

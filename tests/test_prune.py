@@ -120,8 +120,10 @@ def test_pruning_config_errors_name_the_field(kwargs, match):
 
 
 def test_no_matching_layer_is_an_error(tiny_cnn):
-    with pytest.raises(ConfigError, match="no layer matched"):
+    with pytest.raises(ConfigError, match="include: 'nothing' matches no Linear/Conv2d layer.*features.0"):
         prune_(tiny_cnn, MagnitudePruning(sparsity=0.5, include=["nothing"]))
+    with pytest.raises(ConfigError, match="no layer matched"):  # every pattern matches, the selection is empty
+        prune_(tiny_cnn, MagnitudePruning(sparsity=0.5, include=["features.0"], exclude=["features.0"]))
 
 
 def test_agp_schedule_matches_the_formula_at_its_ends_and_midpoint():

@@ -341,3 +341,76 @@ def test_sparsity_defaults_only_when_no_other_target_is_set():
 
     for cfg in (UnstructuredPruning(han_quality=1.2), UnstructuredPruning(n_m=(2, 4), overrides={"fc": None})):
         assert config_from_dict(cfg.to_dict()) == cfg
+
+
+# ---------------------------------------------------------------------------
+# names that match nothing fail at once (issue 14 item 14), N:M checked up front
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, field, pattern", [
+    ({"overrides": {"no_such_layer": 0.5}}, "overrides", "'no_such_layer'"),
+    ({"overrides": {"re:features\\..*": 0.5}}, "overrides", "'re:features"),
+    ({"include": ["classifier.9"]}, "include", "'classifier.9'"),
+    ({"include": ["re:conv.*"]}, "include", "'re:conv"),
+    ({"exclude": ["classifer.0"]}, "exclude", "'classifer.0'"),
+    ({"exclude": ["re:.*attn.*"]}, "exclude", "'re:.*attn"),
+])
+def test_a_name_or_pattern_matching_no_layer_fails_at_once(tiny_mlp, kwargs, field, pattern):
+    config = UnstructuredPruning(sparsity=0.5, **kwargs)
+    expected = rf"{field}: {pattern}.*matches no Linear/Conv2d layer.*classifier\.0, classifier\.2"
+    from torchslim.prune import check_layer_names, check_pruning, pruning_layers
+
+    for check in (check_layer_names, check_pruning, pruning_layers):
+        with pytest.raises(ConfigError, match=expected):
+            check(tiny_mlp, config)
+    with pytest.raises(ConfigError, match=expected):
+        prune_(tiny_mlp, config)
+    assert not masked_layers(tiny_mlp)  # nothing was pruned before the error
+    if "overrides" not in kwargs:  # MagnitudePruning shares the check
+        magnitude = MagnitudePruning(sparsity=0.5, **kwargs)
+        for check in (check_layer_names, lambda m, c: prune_(m, c)):
+            with pytest.raises(ConfigError, match=expected):
+                check(tiny_mlp, magnitude)
+
+
+def test_a_module_of_another_type_is_named_as_such(tiny_mlp):
+    with pytest.raises(ConfigError, match=r"'classifier\.1' is a ReLU, not one of layer_types"):
+        prune_(tiny_mlp, UnstructuredPruning(exclude=["classifier.1"]))
+
+
+def test_every_schedule_checks_names_before_it_trains(tiny_mlp, blobs):
+    import torchslim as ts
+    from torchslim.prune import (
+        AGPSchedule,
+        IterativeSchedule,
+        SensitivityConfig,
+        gradual_pruning_hook,
+        prune_iteratively,
+        sensitivity_analysis,
+    )
+
+    bad = UnstructuredPruning(sparsity=0.8, overrides={"re:fc.*": 0.5})
+    with pytest.raises(ConfigError, match="matches no Linear/Conv2d layer"):
+        gradual_pruning_hook(tiny_mlp, bad, AGPSchedule(final_sparsity=0.8, end_step=10, frequency=1))
+    with pytest.raises(ConfigError, match="matches no Linear/Conv2d layer"):
+        prune_iteratively(tiny_mlp, bad, blobs, ts.TrainConfig(epochs=1), IterativeSchedule(rounds=2))
+    with pytest.raises(ConfigError, match="matches no Linear/Conv2d layer"):
+        sensitivity_analysis(tiny_mlp, blobs, SensitivityConfig(pruning=bad))
+    assert not masked_layers(tiny_mlp)
+
+
+def test_n_m_divisibility_is_checked_before_pruning():
+    from torchslim.prune import check_n_m_divisible, check_pruning
+
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 10), nn.Linear(10, 2))
+    config = UnstructuredPruning(n_m=(2, 4))
+    for check in (check_n_m_divisible, check_pruning):
+        with pytest.raises(ConfigError, match=r"layers '2' \(input dimension 6\), '3' \(input dimension 10\) "
+                                              r"have input dimensions, not a multiple of M=4"):
+            check(model, config)
+    ok = UnstructuredPruning(n_m=(2, 4), exclude=["2", "3"])
+    check_pruning(model, ok)
+    check_n_m_divisible(model, UnstructuredPruning(sparsity=0.5))  # no N:M: nothing to check
+    prune_(model, ok)
+    assert check_n_m(model, 2, 4) == {"0": True}

@@ -85,10 +85,12 @@ def test_every_zoo_twin_prunes_and_matches_masked_reference(name):
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     ratio = random.Random(name).uniform(0.2, 0.7)
     config = ChannelPruning(ratio=ratio, importance="random", seed=len(name))
-    pruned = prune_channels(model, x, config)
+    result = prune_channels(model, x, config)
+    pruned, report = result.model, result.report
+    assert not hasattr(pruned, "torchslim_pruning_report")  # the report is returned, not hung on the model
     _check_shapes(pruned)
     assert count_parameters(pruned) < count_parameters(model)
-    report = pruned.torchslim_pruning_report  # counts attention too (count_macs misses its fused fast path)
+    # the report counts attention too (count_macs misses its fused fast path)
     assert report.macs_after < report.macs_before
     assert not list(pruned._forward_hooks.values()) and model is not pruned
     with torch.no_grad():
@@ -103,11 +105,14 @@ def test_history_replays_through_slim_file(name, tmp_path):
     model = _twin(name)
     x = torch.randn(2, 1, 8, 8)
     target = 0.8 if name == "vit_tiny" else 0.6  # only its heads and MLP are prunable
-    pruned = prune_channels(model, x, ChannelPruning(target_macs=target, steps=2, importance="l1"))
+    pruned = prune_channels(model, x, ChannelPruning(target_macs=target, steps=2, importance="l1")).model
     assert len(pruned.torchslim_history) == 2
     path = save(pruned, tmp_path / "p.slim")
     header = read_metadata(path)
-    assert header["version"] == 2 and header["history"] == pruned.torchslim_history
+    # the transform log holds one channels_removed record per pruning step, in order
+    assert header["version"] == 3
+    assert [t["type"] for t in header["transforms"]] == ["channels_removed"] * 2
+    assert [t["ops"] for t in header["transforms"]] == [step["ops"] for step in pruned.torchslim_history]
     assert header["spec"] == model.torchslim_spec  # the spec is the unpruned architecture
     loaded = load(path).eval()
     _check_shapes(loaded)
@@ -122,13 +127,13 @@ def test_history_replays_through_slim_file(name, tmp_path):
 
 def test_history_that_does_not_fit_is_refused(tmp_path):
     model = _twin("fmnist_student")
-    pruned = prune_channels(model, torch.randn(1, 1, 8, 8), ChannelPruning(ratio=0.5))
+    pruned = prune_channels(model, torch.randn(1, 1, 8, 8), ChannelPruning(ratio=0.5)).model
     with pytest.raises(ModelError, match="size"):
         replay_history_(_twin("fmnist_teacher"), [{"ops": [{"target": "features.0", "role": "out", "size": 6, "removed": [0]}]}])
     path = save(pruned, tmp_path / "p.slim")
     pruned.torchslim_spec = {**pruned.torchslim_spec, "args": {**pruned.torchslim_spec["args"], "width": 7}}
     bad = save(pruned, tmp_path / "bad.slim")
-    with pytest.raises(ExportError, match="pruning history does not fit"):
+    with pytest.raises(ExportError, match="transform log does not fit"):
         load(bad)
     assert load(path) is not None
 
@@ -140,7 +145,7 @@ def test_onnx_export_of_pruned_models_passes_parity(tmp_path):
     for name in ("resnet20", "vit_tiny"):
         model = _twin(name)
         x = torch.randn(2, 1, 8, 8)
-        pruned = prune_channels(model, x, ChannelPruning(ratio=0.5))
+        pruned = prune_channels(model, x, ChannelPruning(ratio=0.5)).model
         info = export_onnx(pruned, x, tmp_path / f"{name}.onnx", exporter="torchscript")
         assert info["max_abs_diff"] < 1e-4
 
@@ -149,8 +154,8 @@ def test_28x28_twins_and_target_macs_with_rounding():
     for name in ("resnet56", "mobilenetv2", "lenet5"):
         model = _twin(name, input_size=28)
         x = torch.randn(1, 1, 28, 28)
-        pruned = prune_channels(model, x, ChannelPruning(target_macs=0.5, steps=3, round_to=2))
-        report = pruned.torchslim_pruning_report
+        result = prune_channels(model, x, ChannelPruning(target_macs=0.5, steps=3, round_to=2))
+        pruned, report = result.model, result.report
         assert report.target_met and report.macs_after <= 0.5 * report.macs_before
         assert report.macs_before == count_macs(model, x) and report.macs_after == count_macs(pruned, x)
         assert len(report.steps) == 3 and report.steps[0]["macs"] > report.steps[2]["macs"]
@@ -163,18 +168,18 @@ def test_target_params_and_unreachable_target_warns():
     model = _twin("fmnist_teacher")
     x = torch.randn(1, 1, 8, 8)
     n = count_parameters(model)
-    pruned = prune_channels(model, x, ChannelPruning(target_params=n // 3))
+    pruned = prune_channels(model, x, ChannelPruning(target_params=n // 3)).model
     assert count_parameters(pruned) <= n // 3
     with pytest.warns(UserWarning, match="could not reach"):
         small = prune_channels(model, x, ChannelPruning(target_macs=0.01, max_ratio=0.5))
-    assert not small.torchslim_pruning_report.target_met
+    assert not small.report.target_met
 
 
 def test_overrides_and_exclude():
     model = _twin("fmnist_teacher")
     x = torch.randn(1, 1, 8, 8)
     pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, overrides={"features.0": 0.0, "re:classifier\\..*": 0.25},
-                                                     exclude=["features.3"]))
+                                                     exclude=["features.3"])).model
     assert pruned.features[0].out_channels == 8  # override 0 keeps the group
     assert pruned.features[3].out_channels == 8  # excluded
     assert pruned.classifier[0].out_features == 12  # 16 * (1 - 0.25)
@@ -183,7 +188,7 @@ def test_overrides_and_exclude():
 
 def test_layer_scope_removes_same_fraction_everywhere():
     model = _twin("vgg_small")
-    pruned = prune_channels(model, torch.randn(1, 1, 8, 8), ChannelPruning(ratio=0.5, scope="layer"))
+    pruned = prune_channels(model, torch.randn(1, 1, 8, 8), ChannelPruning(ratio=0.5, scope="layer")).model
     assert [m.out_channels for m in pruned.features if isinstance(m, nn.Conv2d)] == [2, 2, 4, 4, 8, 8]
 
 
@@ -227,13 +232,13 @@ def test_taylor_needs_data_and_scores_dead_channels_zero():
     data = make_blobs(64, classes=4)
     x = data.x[:2]
     with pytest.raises(ConfigError, match="data"):
-        prune_channels(model, x, ChannelPruning(ratio=0.5, importance="taylor"))
+        prune_channels(model, x, ChannelPruning(ratio=0.5, importance="taylor")).model
     with torch.no_grad():
         model.features[4].weight[:, 1] = 0  # nothing reads channel 1 of the first conv
     graph = build_dependency_graph(model, x)
     scores = unit_scores(model, graph, "taylor", data=data, batches=2, batch_size=16)
     assert scores[0][1] == 0 and scores[0].sum() > 0
-    pruned = prune_channels(model, x, ChannelPruning(ratio=0.3, importance="taylor", calibration_batches=2), data=data)
+    pruned = prune_channels(model, x, ChannelPruning(ratio=0.3, importance="taylor", calibration_batches=2), data=data).model
     assert pruned.features[0].out_channels < 6
     assert all(p.requires_grad for p in model.parameters()) and not model.training
 
@@ -248,7 +253,7 @@ def test_finetune_between_steps_with_distillation():
     def tune(m):
         calls.append(finetune(m, data, TrainConfig(epochs=1, batch_size=32), teacher=model, progress=False))
 
-    pruned = prune_channels(model, data.x[:2], ChannelPruning(ratio=0.5, steps=2), finetune=tune)
+    pruned = prune_channels(model, data.x[:2], ChannelPruning(ratio=0.5, steps=2), finetune=tune).model
     assert len(calls) == 2 and "train_kd_loss" in calls[0][0]
     assert not model.training and all(p.requires_grad for p in model.parameters())  # the teacher was a copy
     assert pruned(data.x[:2]).shape == (2, 4)

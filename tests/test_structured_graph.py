@@ -61,7 +61,7 @@ def test_concat_offsets_and_flatten_columns():
     # a channel of c covers its 4x4 spatial positions in the flattened linear input
     gc = _group_of(graph, "c")
     assert gc.units[2][("fc", "in")] == list(range(32, 48))
-    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer"))
+    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer")).model
     assert pruned.bn.num_features == pruned.c.in_channels == pruned.a.out_channels + pruned.b.out_channels
     assert pruned.fc.in_features == pruned.c.out_channels * 16
     _assert_matches_masked(model, pruned, x)
@@ -75,7 +75,7 @@ def test_residual_branches_share_channels():
     stage1 = _group_of(graph, "conv1")
     for name in ("layer1.0.conv2", "layer1.1.conv2", "layer2.0.shortcut.0"):
         assert (name, "out") in stage1.slots or (name, "in") in stage1.slots
-    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, importance="random"))
+    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, importance="random")).model
     width = pruned.conv1.out_channels
     assert pruned.layer1[0].conv2.out_channels == pruned.layer1[1].conv2.out_channels == width < 4
     assert pruned.layer2[0].shortcut[0].in_channels == width
@@ -87,7 +87,7 @@ def test_classifier_outputs_never_pruned_and_input_frozen():
     graph = build_dependency_graph(model, torch.randn(1, 1, 8, 8))
     assert all(("classifier.4", "out") not in g.slots for g in graph.groups)
     assert any("output" in f.reason for f in graph.frozen)
-    pruned = prune_channels(model, torch.randn(1, 1, 8, 8), ChannelPruning(ratio=0.8, max_ratio=0.95))
+    pruned = prune_channels(model, torch.randn(1, 1, 8, 8), ChannelPruning(ratio=0.8, max_ratio=0.95)).model
     assert pruned.classifier[4].out_features == 4 and pruned.classifier[0].in_features == 64
 
 
@@ -105,7 +105,7 @@ def test_depthwise_and_grouped_convs_remove_whole_groups():
     (g,) = graph.groups
     assert len(g) == 4 and g.units[1] == {("0", "out"): [2, 3], ("1", "out"): [2, 3], ("3", "groups"): [2, 3],
                                           ("4", "out"): [2, 3], ("6", "groups"): [1], ("8", "in"): [3, 4, 5]}
-    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer"))
+    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer")).model
     assert pruned[3].groups == pruned[3].in_channels == pruned[0].out_channels
     assert pruned[6].groups == 2 and pruned[6].in_channels == 4 and pruned[6].out_channels == 6
     _assert_matches_masked(model, pruned, x)
@@ -131,11 +131,11 @@ def test_attention_heads_and_mlp_hidden_units():
     graph = build_dependency_graph(model, x)
     assert len(_group_of(graph, "attn", "heads")) == 4
     assert len(_group_of(graph, "mlp.0")) == 12
-    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer"))
+    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer")).model
     assert isinstance(pruned.attn, PrunedMultiheadAttention) and pruned.attn.num_heads == 2
     assert pruned.attn.embed_dim == 8 and pruned.mlp[0].out_features == 6
     _assert_matches_masked(model, pruned, x)
-    again = prune_channels(pruned, x, ChannelPruning(ratio=0.5, scope="layer"))  # a pruned attention prunes again
+    again = prune_channels(pruned, x, ChannelPruning(ratio=0.5, scope="layer")).model  # a pruned attention prunes again
     assert again.attn.num_heads == 1 and len(again.torchslim_history) == 2
 
 
@@ -163,8 +163,8 @@ class Rolls(nn.Module):
 
 def test_unknown_op_is_named_and_left_unpruned():
     model, x = Rolls().eval(), torch.randn(1, 1, 5, 5)
-    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer"))
-    report = pruned.torchslim_pruning_report
+    result = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer"))
+    pruned, report = result.model, result.report
     assert [u.op for u in report.unsupported] == ["roll"]
     assert pruned.b.out_channels == 4 and pruned.a.out_channels == 2  # b feeds roll; a is still free
     _assert_matches_masked(model, pruned, x)
@@ -205,10 +205,10 @@ class Gate(nn.Module):
 def test_untraceable_model_names_op_and_exclusion_gets_past_it():
     x = torch.randn(1, 1, 4, 4)
     with pytest.raises(ModelError) as err:
-        prune_channels(DataDependent(), x, ChannelPruning(ratio=0.5))
+        prune_channels(DataDependent(), x, ChannelPruning(ratio=0.5)).model
     msg = str(err.value)
     assert "'gate'" in msg and "if x.sum() > 0" in msg and "exclude=['gate']" in msg
-    pruned = prune_channels(DataDependent(), x, ChannelPruning(ratio=0.5, exclude=["gate"]))
+    pruned = prune_channels(DataDependent(), x, ChannelPruning(ratio=0.5, exclude=["gate"])).model
     assert pruned.stem.out_channels == 4  # feeds the opaque module
 
 
@@ -225,7 +225,7 @@ def test_shared_module_called_twice():
 
     torch.manual_seed(0)
     model, x = Twice().eval(), torch.randn(3, 4)
-    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer"))
+    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer")).model
     # mid's inputs and outputs are the same channels (its output is fed back in)
     assert pruned.mid.in_features == pruned.mid.out_features == pruned.a.out_features == 3
     _assert_matches_masked(model, pruned, x)
@@ -246,7 +246,7 @@ def test_layernorm_opt_in_and_elementwise_parameter():
     torch.manual_seed(0)
     model, x = Mixer().eval(), torch.randn(3, 4)
     assert build_dependency_graph(model, x).groups == []
-    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, allow_layernorm=True))
+    pruned = prune_channels(model, x, ChannelPruning(ratio=0.5, allow_layernorm=True)).model
     assert pruned.norm.normalized_shape == (4,) and pruned.scale.shape == (4,) and pruned.b.in_features == 4
     assert pruned(x).shape == (3, 2)
 
@@ -274,3 +274,116 @@ def test_pruned_attention_computes_what_torch_does(batch_first):
                 got, got_w = holder.attn(x, x, x, need_weights=need, **kwargs)
             assert torch.allclose(got, want, atol=1e-5), kwargs
             assert (got_w is None) == (want_w is None) and (got_w is None or torch.allclose(got_w, want_w, atol=1e-6))
+
+
+# ---------------------------------------------------------------------------
+# a channel rule for a layer type of the user's own
+# ---------------------------------------------------------------------------
+
+
+class ChannelScale(nn.Module):
+    """A learned per-channel scale written with einsum, which the graph cannot see through."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, n))
+
+    def forward(self, x):
+        return torch.einsum("nchw,c->nchw", x, self.scale)
+
+
+class ScaledNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.s = ChannelScale(8)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.s(self.a(x)))).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def _restore_registries():
+    """The rule and surgery tables are global: put them back after a test registers into them."""
+    from torchslim.prune.structured import SURGERY
+    from torchslim.prune.structured.registry import CHANNEL_RULES
+
+    rules, surgery = dict(CHANNEL_RULES), dict(SURGERY)
+    yield
+    CHANNEL_RULES.clear()
+    CHANNEL_RULES.update(rules)
+    SURGERY.clear()
+    SURGERY.update(surgery)
+
+
+def test_a_user_layer_is_unsupported_without_a_rule_and_pruned_with_one(_restore_registries):
+    from torchslim.prune.structured import per_channel_layer, register_channel_rule, register_surgery
+
+    torch.manual_seed(0)
+    model, x = ScaledNet().eval(), torch.randn(2, 1, 6, 6)
+    result = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer"))
+    assert [u.op for u in result.report.unsupported] == ["einsum"]  # traced into, and not understood
+    assert result.model.a.out_channels == 8 and result.model.s.scale.numel() == 8
+
+    @register_channel_rule(ChannelScale)
+    def _scale_rule(b, node, m):
+        return per_channel_layer(b, node, m, dim=1, n_params=m.scale.numel())
+
+    @register_surgery(ChannelScale, "out", size=lambda m: m.scale.numel())
+    def _scale_out(m, keep):
+        m.scale = nn.Parameter(m.scale.detach()[keep].clone())
+
+    graph = build_dependency_graph(model, x)
+    assert graph.unsupported == []
+    assert _group_of(graph, "a").names == ["a", "b", "s"]  # the scale sits in a's group, b reads it
+    result = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer"))
+    pruned = result.model
+    assert result.report.unsupported == []
+    assert pruned.a.out_channels == 4 and pruned.s.scale.numel() == 4 and pruned.b.in_channels == 4
+    kept = [i for i in range(8) if i not in pruned.torchslim_history[0]["ops"][0]["removed"]]
+    assert torch.equal(pruned.s.scale, model.s.scale[kept])  # the right entries survived
+    _assert_matches_masked(model, pruned, x)
+    # an excluded layer of a user type is opaque: its channels stay
+    kept_whole = prune_channels(model, x, ChannelPruning(ratio=0.5, scope="layer", exclude=["s"])).model
+    assert kept_whole.s.scale.numel() == 8 and kept_whole.a.out_channels == 8
+
+
+# ---------------------------------------------------------------------------
+# names that match nothing fail at once
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"exclude": ["gate"]}, r"exclude: 'gate' matches no module or parameter of the model; modules and parameters that exist: "
+                               r"a, s, b, fc, a\.weight"),
+    ({"exclude": ["re:block\\..*"]}, r"exclude: 're:block\\\\\.\.\*' matches no module or parameter"),
+    ({"overrides": {"no_such_layer": 0.5}}, r"overrides: 'no_such_layer' matches no prunable layer.*: a, "),
+    ({"overrides": {"re:conv.*": 0.5}}, r"overrides: 're:conv\.\*' matches no prunable layer"),
+])
+def test_structured_names_that_match_nothing_fail(kwargs, match):
+    from torchslim.errors import ConfigError
+    from torchslim.prune import check_layer_names, check_pruning
+    from torchslim.prune.structured import check_channel_names
+
+    model, x = ScaledNet().eval(), torch.randn(1, 1, 6, 6)
+    config = ChannelPruning(ratio=0.5, **kwargs)
+    for check in (lambda: prune_channels(model, x, config), lambda: check_channel_names(model, x, config),
+                  lambda: check_layer_names(model, config, x), lambda: check_pruning(model, config, x)):
+        with pytest.raises(ConfigError, match=match):
+            check()
+
+
+def test_a_structured_override_on_a_module_outside_every_group_fails():
+    from torchslim.errors import ConfigError
+    from torchslim.prune.structured import check_channel_names
+
+    model, x = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval(), torch.randn(1, 1, 6, 6)
+    config = ChannelPruning(ratio=0.5, overrides={"1": 0.0})  # the ReLU exists, but owns no channels
+    check_channel_names(model, None, config)  # without inputs only the module names are known
+    with pytest.raises(ConfigError, match="overrides: '1' matches no prunable layer of the model; prunable "
+                                          "layers that exist: 0, 2"):
+        check_channel_names(model, x, config)
+    with pytest.raises(ConfigError, match="overrides: '1' matches no prunable layer"):
+        prune_channels(model, x, config)

@@ -41,6 +41,37 @@ def check_pattern(pattern: str) -> str:
     return pattern
 
 
+def unmatched_patterns(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """The ``patterns`` (names or ``re:`` regexes) that match none of ``names``, in order."""
+    names = list(names)
+    return [p for p in patterns if not any(name_matches(n, p) for n in names)]
+
+
+def check_patterns_match(names: Iterable[str], patterns: Iterable[str], field: str, what: str = "layer",
+                         hint: str = "", plural: str | None = None) -> None:
+    """Raise when a pattern in ``field`` matches none of ``names``: a typo must not silently prune everything.
+
+    Args:
+        names: the names the patterns are meant for (the candidate layers, in model order).
+        patterns: names or ``re:`` regexes, as written in the config.
+        field: the config field they come from, for the message (``"exclude"``, ``"overrides"``).
+        what: what a name is, for the message (``"Linear/Conv2d layer"``).
+        hint: appended to the message (e.g. why an existing module is not a candidate).
+        plural: ``what`` in the plural, when it is not ``what + "s"``.
+
+    Raises:
+        ConfigError: naming every pattern that matches nothing, and a few names that exist.
+    """
+    names = list(names)
+    missing = unmatched_patterns(names, patterns)
+    if not missing:
+        return
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    which = ", ".join(repr(p) for p in missing)
+    raise ConfigError(f"{field}: {which} match{'es' if len(missing) == 1 else ''} no {what} of the model; "
+                      f"{plural or what + 's'} that exist: {shown or 'none'}.{hint}")
+
+
 def select_layers(
     model: nn.Module,
     layer_types: Iterable[str] = ("Linear", "Conv2d"),

@@ -31,7 +31,15 @@ from torchslim.prune.masking import (
     mask_n_m,
 )
 from torchslim.prune.masks import apply_mask_, effective_weight, get_mask
-from torchslim.prune.selection import LAYER_TYPES, check_pattern, first_and_last, resolve_override, select_layers
+from torchslim.prune.selection import (
+    LAYER_TYPES,
+    check_pattern,
+    check_patterns_match,
+    first_and_last,
+    resolve_override,
+    select_layers,
+    unmatched_patterns,
+)
 
 _TARGETS = ("sparsity", "threshold", "han_quality", "n_m")
 
@@ -175,12 +183,63 @@ class UnstructuredPruning(Config):
         return self.criterion in GRADIENT_CRITERIA and self.han_quality is None
 
 
+def check_unstructured_names(model: nn.Module, config: UnstructuredPruning) -> None:
+    """Raise when an ``include``, ``exclude`` or ``overrides`` name or pattern matches no layer.
+
+    Patterns are matched against the layers of ``config.layer_types``: an exact
+    name of a module of another type (a ReLU, a Sequential) matches nothing.
+
+    Raises:
+        ConfigError: naming the field and the pattern, and listing a few layers that exist.
+    """
+    candidates = [n for n, _ in select_layers(model, config.layer_types)]
+    modules = dict(model.named_modules())
+    what = "/".join(config.layer_types) + " layer"
+    for field, patterns in (("include", config.include), ("exclude", config.exclude),
+                            ("overrides", list(config.overrides))):
+        others = [p for p in unmatched_patterns(candidates, patterns) if p in modules]
+        hint = "".join(f" {p!r} is a {type(modules[p]).__name__}, not one of layer_types." for p in others)
+        check_patterns_match(candidates, patterns, field, what, hint)
+
+
+def check_n_m_divisible(model: nn.Module, config: UnstructuredPruning) -> None:
+    """Raise when ``config`` sets ``n_m`` and a layer it prunes has an input dimension not divisible by M.
+
+    A no-op without ``n_m``. Groups of M run along the weight's input dimension
+    (``in_features``; ``in_channels / groups`` of a conv), see :func:`~torchslim.prune.mask_n_m`.
+
+    Raises:
+        ConfigError: listing every such layer and its input dimension.
+    """
+    if config.n_m is not None:
+        _check_n_m_fits([(n, m) for n, m, _ in pruning_layers(model, config)], *config.n_m)
+
+
+def _check_n_m_fits(layers: list[tuple[str, nn.Module]], n: int, m: int) -> None:
+    bad = [(name, effective_weight(module).shape) for name, module in layers]
+    bad = [(name, shape[1] if len(shape) > 1 else None) for name, shape in bad
+           if len(shape) < 2 or shape[1] % m != 0]
+    if bad:
+        names = [name for name, _ in bad]
+        if len(bad) == 1:
+            what = f"layer {names[0]!r} has input dimension {bad[0][1]}"
+        else:
+            what = "layers " + ", ".join(f"{name!r} (input dimension {d})" for name, d in bad) + " have input dimensions"
+        raise ConfigError(f"N:M {n}:{m}: {what}, not a multiple of M={m}; exclude "
+                          f"{'it' if len(bad) == 1 else 'them'} (exclude={names!r} or exclude_first_last=True)")
+
+
 def pruning_layers(model: nn.Module, config: UnstructuredPruning) -> list[tuple[str, nn.Module, float | None]]:
     """The layers ``config`` prunes, as ``(name, module, override sparsity or None)``.
 
+    Checks the config against the model first, so a typo fails before anything is pruned or trained.
+
     Raises:
-        ConfigError: no layer matches.
+        ConfigError: an ``include``, ``exclude`` or ``overrides`` pattern matches no layer
+            (:func:`check_unstructured_names`), no layer is selected, or with ``n_m`` a selected
+            layer's input dimension is not a multiple of M.
     """
+    check_unstructured_names(model, config)
     exclude = list(config.exclude)
     if config.exclude_first_last:
         exclude += first_and_last(model, config.layer_types)
@@ -195,6 +254,8 @@ def pruning_layers(model: nn.Module, config: UnstructuredPruning) -> list[tuple[
             "no layer matched the pruning selection (layer_types="
             f"{config.layer_types}, include={config.include}, exclude={config.exclude}, "
             f"exclude_first_last={config.exclude_first_last}, overrides={config.overrides})")
+    if config.n_m is not None:
+        _check_n_m_fits([(n, m) for n, m, _ in out], *config.n_m)
     return out
 
 

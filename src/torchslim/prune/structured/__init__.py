@@ -13,19 +13,27 @@ Four parts, kept apart:
 * surgery (:mod:`~torchslim.prune.structured.surgery`): per-layer-type functions that
   rebuild layers with fewer channels.
 
-:func:`prune_channels` ties them together and records what it removed as JSON
+:func:`prune_channels` ties them together, returns the pruned model with a report
+(:class:`ChannelPruningResult`), and records what it removed as JSON
 (:mod:`~torchslim.prune.structured.history`) so the pruned model saves without pickle.
 
 Example:
     >>> import torch, torchslim as ts
     >>> from torchslim.prune.structured import ChannelPruning, prune_channels
     >>> model = ts.models.create("fmnist_student", width=8, fc=16)
-    >>> small = prune_channels(model, torch.randn(1, 1, 28, 28), ChannelPruning(ratio=0.5))
-    >>> small.features[0].out_channels
-    4
+    >>> result = prune_channels(model, torch.randn(1, 1, 28, 28), ChannelPruning(ratio=0.5))
+    >>> result.model.features[0].out_channels, result.report.macs_after < result.report.macs_before
+    (4, True)
 """
 
-from torchslim.prune.structured.api import REPORT_ATTR, ChannelPruning, PruningReport, finetune, prune_channels
+from torchslim.prune.structured.api import (
+    ChannelPruning,
+    ChannelPruningResult,
+    PruningReport,
+    check_channel_names,
+    finetune,
+    prune_channels,
+)
 from torchslim.prune.structured.graph import (
     ChannelBuilder,
     ChannelGroup,
@@ -45,11 +53,11 @@ from torchslim.prune.structured.surgery import SURGERY, apply_ops_, masked_refer
 
 __all__ = [
     "HISTORY_ATTR",
-    "REPORT_ATTR",
     "SURGERY",
     "ChannelBuilder",
     "ChannelGroup",
     "ChannelPruning",
+    "ChannelPruningResult",
     "DependencyGraph",
     "FrozenGroup",
     "PrunedMultiheadAttention",
@@ -58,6 +66,7 @@ __all__ = [
     "Unsupported",
     "apply_ops_",
     "build_dependency_graph",
+    "check_channel_names",
     "check_history",
     "finetune",
     "get_history",

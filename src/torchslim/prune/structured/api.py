@@ -14,15 +14,12 @@ from pydantic import Field, model_validator
 
 from torchslim.config import Config
 from torchslim.errors import ConfigError
-from torchslim.prune.selection import check_pattern
+from torchslim.prune.selection import check_pattern, check_patterns_match
 from torchslim.prune.structured.graph import DependencyGraph, Unsupported, build_dependency_graph
 from torchslim.prune.structured.history import HISTORY_ATTR, get_history
 from torchslim.prune.structured.importance import unit_scores
 from torchslim.prune.structured.selection import by_ratio, by_target, group_limits, lowest, normalize
 from torchslim.prune.structured.surgery import apply_ops_
-
-REPORT_ATTR = "torchslim_pruning_report"
-
 
 class ChannelPruning(Config):
     """Remove whole channels (filters, neurons, heads) so the model becomes smaller and faster.
@@ -113,7 +110,7 @@ class ChannelPruning(Config):
 
 @dataclass
 class PruningReport:
-    """What :func:`prune_channels` did (attached to the result as ``torchslim_pruning_report``).
+    """What :func:`prune_channels` did (:attr:`ChannelPruningResult.report`).
 
     Attributes:
         macs_before / macs_after: ``torchslim.measure.count_macs`` on the example inputs
@@ -140,6 +137,60 @@ class PruningReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ChannelPruningResult:
+    """What :func:`prune_channels` returns.
+
+    Attributes:
+        model: the pruned model, a new ordinary ``nn.Module`` (the input is unchanged);
+            it carries ``torchslim_spec`` and ``torchslim_history`` for
+            :func:`torchslim.export.save`.
+        report: what was removed and what it cost, a :class:`PruningReport`.
+    """
+
+    model: nn.Module
+    report: PruningReport
+
+
+def check_channel_names(model: nn.Module, example_inputs: Any, config: ChannelPruning) -> None:
+    """Raise when an ``exclude`` or ``overrides`` name or pattern of ``config`` matches nothing in ``model``.
+
+    ``exclude`` may name any module, parameter or buffer (an opaque block, a
+    ``scale`` parameter). ``overrides`` apply to channel groups, so with
+    ``example_inputs`` they are matched against the layers of the traced
+    dependency graph (a name of a ReLU or a Sequential matches no group);
+    with ``example_inputs=None`` against every module and parameter name.
+    :func:`prune_channels` calls this before it prunes.
+
+    Raises:
+        ConfigError: naming the field and the pattern, and listing a few names that exist.
+        ModelError: with ``example_inputs``, the model cannot be traced.
+    """
+    names = _check_exclude(model, config)
+    if not config.overrides:
+        return
+    if example_inputs is None:
+        check_patterns_match(names, list(config.overrides), "overrides", "module or parameter",
+                             plural="modules and parameters")
+        return
+    _check_overrides_in(build_dependency_graph(model, example_inputs, exclude=config.exclude,
+                                               allow_layernorm=config.allow_layernorm), config)
+
+
+def _check_exclude(model: nn.Module, config: ChannelPruning) -> list[str]:
+    """Exclude patterns must name a module, parameter or buffer; returns those names, in model order."""
+    names = [n for n, _ in model.named_modules() if n]
+    names += [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    check_patterns_match(names, config.exclude, "exclude", "module or parameter", plural="modules and parameters")
+    return names
+
+
+def _check_overrides_in(graph: DependencyGraph, config: ChannelPruning) -> None:
+    """Overrides must name a layer the graph reads or writes channels of, else they would do nothing."""
+    names = list(dict.fromkeys(name for name, _ in graph.slot_sizes))
+    check_patterns_match(names, list(config.overrides), "overrides", "prunable layer")
 
 
 def _ops_for(graph: DependencyGraph, removed: dict[int, list[int]]) -> list[dict[str, Any]]:
@@ -176,8 +227,8 @@ def prune_channels(
     data: Any = None,
     *,
     finetune: Callable[[nn.Module], Any] | None = None,
-) -> nn.Module:
-    """Remove channels of ``model`` and return a new, smaller, ordinary ``nn.Module``.
+) -> ChannelPruningResult:
+    """Remove channels of ``model``; the result holds a new, smaller, ordinary ``nn.Module`` and a report.
 
     The model is traced with torch.fx (:func:`~torchslim.prune.structured.build_dependency_graph`)
     to find which channels must go together (residual adds, concatenations,
@@ -188,9 +239,9 @@ def prune_channels(
     with those channels zeroed. Model outputs (the classifier's classes) are never
     pruned; ops the graph cannot see through are left alone and listed in the report.
 
-    ``model`` is not changed. The result carries ``torchslim_spec`` (unchanged),
-    ``torchslim_history`` (the removed indices, for :func:`torchslim.export.save`)
-    and ``torchslim_pruning_report`` (a :class:`PruningReport`).
+    ``model`` is not changed. The pruned model carries ``torchslim_spec`` (unchanged)
+    and ``torchslim_history`` (the removed indices, for :func:`torchslim.export.save`);
+    what was done comes back beside it as a :class:`PruningReport`.
 
     Args:
         model: any torch.fx-traceable model (excluded submodules may be untraceable).
@@ -203,10 +254,11 @@ def prune_channels(
             e.g. ``lambda m: finetune(m, splits.train, TrainConfig(epochs=1), teacher=model)``.
 
     Returns:
-        The pruned model.
+        A :class:`ChannelPruningResult`: ``.model`` (the pruned model) and ``.report``.
 
     Raises:
-        ConfigError: ``"taylor"`` without ``data``.
+        ConfigError: ``"taylor"`` without ``data``, or an ``exclude`` / ``overrides``
+            pattern that matches nothing (:func:`check_channel_names`).
         ModelError: torch.fx cannot trace the model (the message names the op and
             what to exclude), or it fails on ``example_inputs``.
 
@@ -215,14 +267,17 @@ def prune_channels(
         >>> from torchslim.prune.structured import ChannelPruning, prune_channels
         >>> model = ts.models.create("fmnist_teacher", width=8, fc=32)
         >>> x = torch.randn(1, 1, 28, 28)
-        >>> small = prune_channels(model, x, ChannelPruning(target_macs=0.5, steps=2))
-        >>> ts.measure.count_macs(small, x) <= 0.5 * ts.measure.count_macs(model, x)
+        >>> result = prune_channels(model, x, ChannelPruning(target_macs=0.5, steps=2))
+        >>> ts.measure.count_macs(result.model, x) <= 0.5 * ts.measure.count_macs(model, x)
+        True
+        >>> result.report.target_met
         True
     """
     if not isinstance(config, ChannelPruning):
         raise ConfigError(f"config must be a ChannelPruning, got {type(config).__name__}")
     if config.importance == "taylor" and data is None:
         raise ConfigError("importance 'taylor' needs data: pass data= (an object with tensors x and y)")
+    _check_exclude(model, config)  # overrides are checked on the first step's graph, below
     pruned = copy.deepcopy(model)
     history = get_history(model)
     macs0, params0 = _count(pruned, example_inputs)
@@ -234,6 +289,7 @@ def prune_channels(
         graph = build_dependency_graph(pruned, example_inputs, exclude=config.exclude,
                                        allow_layernorm=config.allow_layernorm)
         if step == 0:
+            _check_overrides_in(graph, config)
             original_sizes = {g.slots: len(g) for g in graph.groups}
             report.unsupported = list(graph.unsupported)
             report.frozen = [(sorted({n for n, _ in f.slots}), f.reason) for f in graph.frozen]
@@ -280,12 +336,11 @@ def prune_channels(
         warnings.warn(
             f"channel pruning could not reach its target: {macs:,} MACs / {params:,} params left "
             f"(max_ratio={config.max_ratio}, {len(report.unsupported)} unsupported ops, "
-            f"{sum(1 for _ in report.frozen)} frozen channel sets); see the model's torchslim_pruning_report",
+            f"{sum(1 for _ in report.frozen)} frozen channel sets); see the result's report",
             stacklevel=2,
         )
     setattr(pruned, HISTORY_ATTR, history)
-    setattr(pruned, REPORT_ATTR, report)
-    return pruned
+    return ChannelPruningResult(pruned, report)
 
 
 def finetune(
@@ -319,7 +374,7 @@ def finetune(
 
             small = prune_channels(model, x, ChannelPruning(target_macs=0.5, steps=4),
                                    finetune=lambda m: finetune(m, splits.train, ts.TrainConfig(epochs=1),
-                                                               teacher=model))
+                                                               teacher=model)).model
     """
     from torchslim.distill import KDConfig, KDObjective
     from torchslim.train import TrainConfig, fit
