@@ -45,10 +45,10 @@ def check_layer_names(model: nn.Module, config: Any, example_inputs: Any = None)
     Example:
         >>> import torchslim as ts
         >>> model = ts.models.create("lenet300_100")
-        >>> check_layer_names(model, ts.UnstructuredPruning(exclude=["classifier.9"]))
+        >>> check_layer_names(model, ts.UnstructuredPruning(exclude=["classifier.9"]))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        torchslim.errors.ConfigError: exclude: 'classifier.9' matches no Linear/Conv2d layer of the model; Linear/Conv2d layers that exist: classifier.0, classifier.2, classifier.4.
+        torchslim.errors.ConfigError: exclude: 'classifier.9' matches no Linear/Conv2d layer ...: classifier.0, classifier.2, classifier.4.
     """
     unstructured = _unstructured(config)
     if unstructured is not None:

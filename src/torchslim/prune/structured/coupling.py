@@ -237,9 +237,11 @@ class ChannelBuilder:
 
     # -- variables ------------------------------------------------------
     def fresh(self, n: int, reason: str) -> list[int]:
+        """``n`` new variables, frozen for ``reason`` (channels that come from nowhere prunable)."""
         return [self.uf.new(reason) for _ in range(n)]
 
     def freeze(self, info: Any, reason: str) -> None:
+        """Keep every channel ``info`` (a :class:`Tracked` or a tuple of them) carries, for ``reason``."""
         if isinstance(info, Tracked):
             for v in info.vars:
                 self.uf.freeze(v, reason)
@@ -258,6 +260,7 @@ class ChannelBuilder:
         return found
 
     def tracked(self, arg: Any) -> Tracked | None:
+        """What input ``arg`` carries, or None when it has no channels to prune (or is no node)."""
         info = self.info.get(arg) if isinstance(arg, fx.Node) else None
         return info if isinstance(info, Tracked) else None
 
@@ -292,20 +295,24 @@ class ChannelBuilder:
         return self.slots[key]
 
     def report(self, node: fx.Node, module: nn.Module | None, reason: str) -> None:
+        """List ``node`` in :attr:`DependencyGraph.unsupported` with ``reason`` (once per node and reason)."""
         name = str(node.target) if node.op == "call_module" else node.name
         key = (name, reason)
         if key not in self.unsupported:
             self.unsupported[key] = Unsupported(name, op_name(node, module), reason)
 
     def unknown(self, node: fx.Node, module: nn.Module | None = None, reason: str | None = None) -> None:
+        """An op the rules cannot see through: freeze its inputs' channels and report it."""
         why = reason or "torchslim does not know how this op treats channels"
         if self.freeze_args(node, f"passes through unsupported {describe(node)}"):
             self.report(node, module, why)
 
     def cost_macs(self, value: float, slots: tuple[SlotKey, ...]) -> None:
+        """``value`` MACs that shrink with the kept fractions of ``slots`` (see :mod:`.cost`)."""
         self.mac_terms.append((float(value), slots))
 
     def cost_params(self, name: str, terms: list[tuple[float, tuple[SlotKey, ...]]]) -> None:
+        """Parameters of layer ``name`` as ``(count, slots)`` terms; a layer called twice counts once."""
         if name not in self.costed:
             self.costed.add(name)
             self.param_terms.extend((float(v), s) for v, s in terms if v)
@@ -320,6 +327,7 @@ class ChannelBuilder:
 
     # -- main loop --------------------------------------------------------
     def run(self) -> None:
+        """Visit every node once, in graph order, giving each the result of its rule."""
         for node in self.gm.graph.nodes:
             if node.op in ("placeholder", "get_attr"):
                 self.info[node] = None
@@ -341,6 +349,7 @@ class ChannelBuilder:
                     self.info[node] = handler(self, node)
 
     def module_node(self, node: fx.Node, module: nn.Module) -> Any:
+        """Apply the channel rule of ``module``'s type (or treat it as opaque)."""
         name = str(node.target)
         rule, builtin = module_rule(module)
         # torchslim's own rules keep an excluded layer's outputs but still follow its
