@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from torchslim.errors import TrainingError
-from torchslim.train import TrainConfig, atomic_write_text, evaluate, fit
+from torchslim.train import TrainConfig, atomic_write_text, evaluate, fit, load_checkpoint
 from torchslim.train.loop import epoch_permutation
 
 CFG = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=0.05, schedule="cosine")
@@ -105,7 +105,7 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tiny_ml
     with pytest.raises(Crash):
         fit(copy.deepcopy(model), blobs, CFG, seed=2, checkpoint_path=ckpt, checkpoint_every_steps=3,
             on_step_end=crash_at_step_13, progress=False)
-    state = torch.load(ckpt, weights_only=True)
+    state = load_checkpoint(ckpt)
     assert (state["epoch"], state["step"]) == (1, 3)  # the last checkpoint: epoch 2, after its step 3
     resumed = copy.deepcopy(model)
     history = fit(resumed, blobs, CFG, seed=2, checkpoint_path=ckpt, progress=False)
