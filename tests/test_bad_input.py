@@ -52,7 +52,7 @@ def test_model_that_rejects_the_input_shape(tmp_path):
 def test_teacher_and_student_with_different_outputs(tmp_path):
     doc = _recipe(teacher={"model": {"preset": "lenet300_100", "args": {"num_classes": 4}}, "train": {"epochs": 1}},
                   distill={"train": {"epochs": 1}})
-    with pytest.raises(ModelError, match=r"teacher returns \(2, 4\).*expected \(2, 10\).*num_classes=10"):
+    with pytest.raises(ModelError, match=r"teacher_init returns \(2, 4\).*expected \(2, 10\).*num_classes=10"):
         _run(doc, tmp_path)
 
 

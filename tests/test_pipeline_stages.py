@@ -53,6 +53,24 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _entry(run: Path, stage: str) -> Path:
+    """The store folder of a stage's output."""
+    (found,) = (run / "store").glob(f"{stage}-*")
+    return found
+
+
+def _forget(run: Path, *stages: str, checkpoints: tuple[str, ...] = ()) -> None:
+    """As if killed before ``stages`` finished: their stored results go, and the named checkpoints."""
+    for stage in stages:
+        (_entry(run, stage) / "result.json").unlink()
+    for stage, name in checkpoints:
+        (_entry(run, stage) / "work" / name).unlink()
+
+
+def _report(summary: dict, stage: str) -> dict:
+    return summary["stages"][stage]["report"]
+
+
 # ------------------------------------------------------------------ unstructured
 ITERATIVE = _recipe(
     "iterative", teacher=TEACHER,
@@ -76,11 +94,11 @@ def test_iterative_rounds_reach_the_target_with_rewinding_and_sensitivity(iterat
     assert rounds[0]["target_sparsity"] < rounds[1]["target_sparsity"] == pytest.approx(0.8)
     # the rounds share the fine-tuning epochs: 4 epochs = 2 rounds x 2
     assert [r["epoch"] for r in records if r.get("stage") == "finetuned_round2" and "epoch" in r] == [1, 2]
-    assert (run / "checkpoints" / "rewind.safetensors").is_file()
+    assert (_entry(run, "finetuned") / "work" / "rewind.safetensors").is_file()
     final = ts.load(run / "models" / "finetuned.slim")
     # sensitivity allocated per-layer sparsities whose total is the target
     assert global_sparsity(final, masked_layers(final)) == pytest.approx(0.8, abs=2e-3)
-    assert set(summary["pruning"]["sensitivity"]["allocated"]) == {n for n, _ in masked_layers(final)}
+    assert set(_report(summary, "finetuned")["sensitivity"]["allocated"]) == {n for n, _ in masked_layers(final)}
     # first and last layers were excluded, and the report says so
     names = [n for n, m in final.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     assert names[0] not in dict(masked_layers(final)) and names[-1] not in dict(masked_layers(final))
@@ -97,8 +115,8 @@ def test_an_iterative_run_interrupted_in_its_last_round_resumes_to_the_same_mode
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     # As if killed during round 2: its checkpoint and everything after it are gone.
-    for name in ("models/finetuned.slim", "checkpoints/finetuned_round2.pt", "summary.json", "report.md",
-                 "model.slim"):
+    _forget(copy, "finetuned", "evaluate", "export", checkpoints=(("finetuned", "finetuned_round2.pt"),))
+    for name in ("summary.json", "report.md", "model.slim"):
         (copy / name).unlink()
     resume_run(copy, progress=False)
     again = json.loads((copy / "summary.json").read_text())
@@ -116,7 +134,7 @@ class _Killed(Exception):
 
 def _kill_in_round1_after_epoch(epoch: int, out: Path, monkeypatch) -> None:
     """Run ITERATIVE into ``out``, dying right after round 1's epoch ``epoch`` (its files all written)."""
-    import torchslim.pipeline.runner as runner_module
+    import torchslim.pipeline.context as runner_module
 
     real_fit = runner_module.fit
 
@@ -140,9 +158,9 @@ def test_an_iterative_run_killed_after_its_rewinding_epoch_still_rewinds(iterati
     run, summary = iterative_run
     out = tmp_path / "killed"
     _kill_in_round1_after_epoch(1, out, monkeypatch)  # rewind_epoch is 1
-    assert (out / "checkpoints" / "rewind.safetensors").is_file()
+    assert (_entry(out, "finetuned") / "work" / "rewind.safetensors").is_file()
     if not snapshot_written:  # killed after the epoch's checkpoint, before the snapshot's file
-        (out / "checkpoints" / "rewind.safetensors").unlink()
+        (_entry(out, "finetuned") / "work" / "rewind.safetensors").unlink()
     resume_run(out, progress=False)
     a = ts.load(run / "models" / "finetuned.slim").state_dict()
     b = ts.load(out / "models" / "finetuned.slim").state_dict()
@@ -152,7 +170,7 @@ def test_an_iterative_run_killed_after_its_rewinding_epoch_still_rewinds(iterati
 def test_a_lost_rewinding_snapshot_that_cannot_be_recovered_says_what_to_delete(tmp_path, monkeypatch):
     out = tmp_path / "killed"
     _kill_in_round1_after_epoch(2, out, monkeypatch)
-    (out / "checkpoints" / "rewind.safetensors").unlink()
+    (_entry(out, "finetuned") / "work" / "rewind.safetensors").unlink()
     with pytest.raises(ts.TrainingError, match=r"delete .*finetuned_round1\.pt and resume"):
         resume_run(out, progress=False)
 
@@ -162,9 +180,10 @@ def test_a_student_pruned_as_given_is_the_reports_reference(tmp_path):
                   finetune={"distill_from": "teacher", "train": TRAIN})
     run, summary = _run(doc, tmp_path / "run")
     rows = {r["key"]: r for r in summary["rows"]}
-    assert summary["pruning"]["from"] == "student" and "student" in rows
+    assert _report(summary, "pruned")["input"] == "student" and "student" in rows
     drop = 100 * (rows["finetuned"]["accuracy"] - rows["student"]["accuracy"])
-    assert f"Fine-tuned pruned model vs. unpruned: {drop:+.2f} points" in (run / "report.md").read_text()
+    assert f"after fine-tuning (`finetuned`) {drop:+.2f} points against the unpruned `student`" in \
+        (run / "report.md").read_text()
 
 
 def test_n_m_pruning_from_a_recipe_keeps_at_most_n_of_every_m(tmp_path):
@@ -175,7 +194,7 @@ def test_n_m_pruning_from_a_recipe_keeps_at_most_n_of_every_m(tmp_path):
     run, summary = _run(doc, tmp_path / "run")
     final = ts.load(run / "models" / "finetuned.slim")
     assert all(check_n_m(final, 2, 4).values()) and len(check_n_m(final, 2, 4)) == 3
-    assert summary["pruning"]["global_sparsity"] == pytest.approx(0.5)
+    assert _report(summary, "pruned")["global_sparsity"] == pytest.approx(0.5)
     assert "2:4 semi-structured" in (run / "report.md").read_text()
 
 
@@ -198,7 +217,7 @@ def test_structured_prune_stage_removes_channels_and_reports_the_cost(structured
     assert rows["finetuned"]["macs"] <= 0.5 * rows["teacher"]["macs"]
     assert rows["finetuned"]["params"] < rows["teacher"]["params"]
     assert rows["finetuned"]["file_bytes"] < rows["teacher"]["file_bytes"]
-    report = summary["pruning"]["report"]
+    report = _report(summary, "pruned")["report"]
     assert report["target_met"] and len(report["steps"]) == 2
     # fine-tuned between the two steps, with the unpruned model as teacher
     between = [r for r in _records(run) if r.get("stage") == "pruned_step1"]
@@ -221,14 +240,15 @@ def test_distill_objective_from_a_recipe_logs_each_part_and_caches_the_teacher(t
     epochs = [r for r in _records(run) if r.get("stage") == "distilled" and "epoch" in r]
     for part in ("train_task_loss", "train_tckd_loss", "train_nckd_loss", "train_hint_loss"):
         assert all(part in r for r in epochs), part
-    assert summary["distill"]["method"] == "dkd+hints" and summary["distill"]["teacher_outputs_used"] == "cached"
-    assert list((run / "cache").glob("teacher-outputs-*.safetensors"))
+    distilled = _report(summary, "distilled")
+    assert distilled["method"] == "dkd+hints" and distilled["teacher_outputs_used"] == "cached"
+    assert list((run / "store" / "cache").glob("teacher-outputs-*.safetensors"))
     # the hint adapter was trained with the student and is not part of the result
     keys = ts.load(run / "models" / "distilled.slim").state_dict().keys()
     assert not any("adapter" in k for k in keys)
     text = (run / "report.md").read_text()
-    assert "Decoupled KD (DKD) + FitNets hints, T = 4.0" in text and "| tckd_loss |" in text
-    assert (run / "plots" / "distill_loss_parts.png").is_file()
+    assert "Decoupled KD (DKD) + FitNets hints from `teacher`, T = 4.0" in text and "| tckd_loss |" in text
+    assert (run / "plots" / "distilled_loss_parts.png").is_file()
 
 
 @pytest.mark.parametrize("doc, match", [
@@ -281,7 +301,7 @@ def test_sensitivity_cli_analyses_the_model_before_pruning_and_leaves_it_unchang
     again = subprocess.run([sys.executable, "-m", "torchslim", "sensitivity", "--run", str(out),
                             "--sparsities", "0.5,0.9"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "teacher: done in an earlier run" in again.stderr and _sha(teacher_file) == before
+    assert "teacher: done before, loading it from the store" in again.stderr and _sha(teacher_file) == before
 
 
 def test_a_structured_run_interrupted_between_steps_resumes_to_the_same_model(structured_run, tmp_path):
@@ -290,8 +310,8 @@ def test_a_structured_run_interrupted_between_steps_resumes_to_the_same_model(st
     shutil.copytree(run, copy)
     # As if killed while fine-tuning after the first step: the cut is redone (it is
     # deterministic), its fine-tuning resumes from its checkpoint, and the rest runs again.
-    for name in ("models/pruned.slim", "models/finetuned.slim", "checkpoints/finetuned.pt", "summary.json",
-                 "report.md", "model.slim"):
+    _forget(copy, "pruned", "finetuned", "evaluate", "export", checkpoints=(("finetuned", "finetuned.pt"),))
+    for name in ("summary.json", "report.md", "model.slim"):
         (copy / name).unlink()
     resume_run(copy, progress=False)
     again = json.loads((copy / "summary.json").read_text())

@@ -8,22 +8,27 @@ from torchslim.errors import ConfigError
 from torchslim.pipeline import apply_overrides, load_recipe, parse_recipe, recipe_to_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-MINIMAL = {"student": {"model": {"preset": "lenet5"}}}
+MINIMAL = {"student": {"model": {"preset": "lenet5"}}}  # a version-1 recipe (migrated when read)
+V2 = {"version": 2, "models": {"student": {"preset": "lenet5"}}}
 
 
 def _instance(cls: type[Config]) -> Config:
     """A valid instance of each config type, for the round-trip test."""
     required = {
         "MagnitudePruning": {"sparsity": 0.5},
-        "PruneStage": {"sparsity": 0.5},
         "ModelRef": {"preset": "lenet5"},
-        "TeacherStage": {"model": {"preset": "lenet5", "weights": "w.slim"}},
-        "StudentStage": {"model": {"preset": "lenet5"}},
-        "DistillStage": {"train": {"epochs": 2}},
+        "TeacherSectionV1": {"model": {"preset": "lenet5", "weights": "w.slim"}},
+        "StudentSectionV1": {"model": {"preset": "lenet5"}},
+        "DistillSectionV1": {"train": {"epochs": 2}},
+        "FinetuneSectionV1": {"train": {"epochs": 1}},
+        "StructuredPruneSectionV1": {"structured": True, "target_macs": 0.5},
+        "RecipeV1": MINIMAL,
+        "Recipe": {**V2, "stages": [{"kind": "train", "train": {"epochs": 1}}]},
+        "TrainStage": {"train": {"epochs": 1}},
+        "StageConfig": {"kind": "any"},
+        "DistillStage": {"teacher": "teacher", "train": {"epochs": 2}},
         "FinetuneStage": {"train": {"epochs": 1}},
-        "Recipe": MINIMAL,
         "AGPSchedule": {"final_sparsity": 0.9, "end_step": 100},
-        "StructuredPruneStage": {"structured": True, "target_macs": 0.5},
     }
     return cls.model_validate(required.get(cls.__name__, {}))
 
@@ -32,7 +37,7 @@ def _instance(cls: type[Config]) -> Config:
 def test_every_config_round_trips_through_its_dict(name):
     cfg = _instance(registered_config_types()[name])
     data = cfg.to_dict()
-    assert data["type"] == name and data["version"] == 1
+    assert data["type"] == name and data["version"] == type(cfg).version
     assert config_from_dict(yaml.safe_load(yaml.safe_dump(data))) == cfg
 
 
@@ -65,8 +70,10 @@ def test_recipe_errors_name_the_key(doc, message):
 
 def test_overrides_set_nested_values_and_are_validated():
     doc = apply_overrides(MINIMAL, ["prune.sparsity=0.8", "seed=3", "student.baseline.epochs=2"])
-    recipe = parse_recipe(doc)
-    assert recipe.prune.sparsity == 0.8 and recipe.seed == 3 and recipe.student.baseline.epochs == 2
+    recipe = parse_recipe(doc)  # a v1 document, overridden with v1 paths, then migrated
+    stages = {s.id: s for s in recipe.stages}
+    assert stages["pruned"].method.sparsity == 0.8 and recipe.seed == 3
+    assert stages["student_alone"].train.epochs == 2
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides(MINIMAL, ["seed"])
     with pytest.raises(ConfigError, match="prune.sprasity: unknown key"):
@@ -76,7 +83,7 @@ def test_overrides_set_nested_values_and_are_validated():
 def test_relative_weights_resolve_against_the_recipe_folder(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"teacher": {"model": {"preset": "lenet5", "weights": "w/t.slim"}}}))
     recipe = load_recipe(tmp_path / "r.yaml")
-    assert recipe.teacher.model.weights == str(tmp_path / "w" / "t.slim")
+    assert recipe.models["teacher"].weights == str(tmp_path / "w" / "t.slim")
 
 
 def test_unreadable_or_malformed_recipe_files(tmp_path):

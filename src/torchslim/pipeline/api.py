@@ -41,14 +41,16 @@ def make_context(recipe: Recipe, run: RunDir, dist: Any, device: torch.device, *
 def _create_run(recipe: Recipe, out: str | Path | None, dist: Any) -> RunDir:
     """A new run folder holding the resolved recipe; under torchrun rank 0 creates it and tells the others."""
     created: str | ConfigError
+    made = None
     try:
-        created = str(RunDir.create(out, recipe.name).root) if dist.is_main else ""
+        made = RunDir.create(out, recipe.name) if dist.is_main else None
+        created = str(made.root) if made is not None else ""
     except ConfigError as exc:
         created = exc
     created = broadcast_object(created, dist)
     if isinstance(created, ConfigError):
         raise created
-    run = RunDir(created)
+    run = made if made is not None else RunDir(created)
     if dist.is_main:
         run.write_recipe(recipe_to_yaml(recipe))
     return run

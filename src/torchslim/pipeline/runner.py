@@ -82,6 +82,8 @@ class Runner:
                     self._save(out.model, entry.model_path, name)
                     entry.write_result({"records": [], "report": {}, "files": []})
                 out.file = entry.model_path
+                if self.ctx.dist.is_main:
+                    self.ctx.store.place(entry.model_path, self.run.model(name))
         barrier(self.ctx.dist)
 
     def _save(self, model: nn.Module, path: Any, stage: str) -> None:

@@ -23,7 +23,7 @@ from torchslim.config import Config
 from torchslim.distill import DistillConfig
 from torchslim.errors import ConfigError, TrainingError
 from torchslim.pipeline.stages.base import Stage, StageConfig, StageResult, register_stage
-from torchslim.prune import (GradualSchedule, IterativeSchedule, SensitivityConfig, SensitivityResult,
+from torchslim.prune import (GradualSchedule, check_pruning, IterativeSchedule, SensitivityConfig, SensitivityResult,
                              UnstructuredPruning, at_sparsity, global_sparsity, gradual_pruning_hook, layer_sparsity,
                              masked_layers, prune_, prune_iteratively, pruning_layers, pruning_summary, select_layers,
                              sensitivity_analysis)
@@ -107,11 +107,7 @@ class Prune(Stage):
         return self.config.train is not None
 
     def plan(self, ctx: Any, model: nn.Module) -> nn.Module:
-        from torchslim.prune import check_layer_names  # noqa: PLC0415 (optional until every check exists)
-
-        check_layer_names(model, self.config.method)
-        if not pruning_layers(model, self.config.method):
-            raise ConfigError(f"stage {self.id!r}: the method selects no layer of the model to prune")
+        check_pruning(model, self.config.method)  # names, a non-empty selection, N:M divisibility
         if self.config.teacher is not None:
             from torchslim.distill.kd import _check_outputs  # noqa: PLC0415
 
@@ -222,10 +218,14 @@ class Prune(Stage):
                        "`plots/sensitivity.png`): " + ", ".join(f"`{k}` {100 * v:.1f}%" for k, v in
                                                                 report["sensitivity"]["allocated"].items()) + ".")
         mine, ref = rows.get(stage_id), rows.get(report.get("input") or "")
+        later = rows.get(report.get("finetuned_by") or "")
         if mine is not None and ref is not None:
             drop = mine["accuracy"] - ref["accuracy"]
-            out.append(f"Against the unpruned `{report['input']}`: {100 * drop:+.2f} points; file "
-                       f"{ref['file_bytes'] / max(mine['file_bytes'], 1):.1f}× smaller.")
+            line = f"`{stage_id}`: {100 * drop:+.2f} points against the unpruned `{report['input']}`"
+            if later is not None:
+                line += (f"; after fine-tuning (`{later['key']}`) {100 * (later['accuracy'] - ref['accuracy']):+.2f} "
+                         f"points against the unpruned `{report['input']}`")
+            out.append(line + f"; file {ref['file_bytes'] / max(mine['file_bytes'], 1):.1f}× smaller.")
         rounds = [m for m in records if m.get("stage") == stage_id and m.get("event") == "round"]
         if rounds:
             out += ["", "| round | target sparsity | reached |", "|---:|---:|---:|"]
@@ -245,7 +245,7 @@ class Prune(Stage):
         ax.set(title=f"per-layer sparsity ({stage_id})", ylabel="sparsity (%)", ylim=(0, 100))
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        return {"layer_sparsity.png" if stage_id == "finetuned" else f"{stage_id}_layer_sparsity.png": fig}
+        return {f"{stage_id}_layer_sparsity.png": fig}
 
 
 def write_sensitivity(result: SensitivityResult, folder: Any, stem: str) -> None:
