@@ -121,3 +121,40 @@ def test_unknown_or_repeated_logger_names_are_config_errors(tmp_path):
         make_logger(["jsonl", "jsonl"], tmp_path, "run")
     with pytest.raises(ConfigError):
         LoggerConfig(names=["csv"])
+
+
+DDP_SCRIPT = """
+import sys, torch
+import torch.distributed as dist
+import torchslim.models as models
+from torchslim.data import TensorSplit
+from torchslim.train import TrainConfig, fit
+from torchslim.train.distributed import init_distributed
+from torchslim.train.loggers import JsonlLogger
+
+ctx, device = init_distributed("cpu")
+torch.manual_seed(0)
+model = models.create("lenet300_100", input_size=8, num_classes=4, hidden1=8, hidden2=8)
+x, y = torch.randn(64, 1, 8, 8), torch.arange(64) % 4
+with JsonlLogger(f"{sys.argv[1]}/log{ctx.rank}.jsonl") as logger:
+    fit(model, TensorSplit(x, y), TrainConfig(epochs=2, batch_size=16), logger=logger, log_every_steps=2,
+        dist=ctx, progress=False)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.e2e
+def test_only_rank_0_logs_under_ddp(tmp_path):
+    import os
+    import subprocess
+
+    script = tmp_path / "ddp_log.py"
+    script.write_text(DDP_SCRIPT)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0 = [json.loads(line) for line in (tmp_path / "log0.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r.get("step", r.get("epoch"))) for r in rank0] == [
+        ("step", 2), ("step", 4), ("epoch", 1), ("step", 6), ("step", 8), ("epoch", 2)]
+    assert (tmp_path / "log1.jsonl").read_text() == ""

@@ -243,8 +243,12 @@ def fit(
         ``samples_per_second``.
 
     Raises:
-        TrainingError: a NaN/Inf loss (naming the epoch and step), or a checkpoint
-            written for another model.
+        TrainingError: a NaN/Inf loss (naming the epoch and step), a model with no
+            trainable parameters, or a checkpoint that is corrupt, empty or written for
+            another model (see :func:`~torchslim.train.load_checkpoint`), or no space left
+            to write one.
+        ConfigError: a bad ``precision`` or ``log_every_steps``, or fewer samples or a
+            smaller batch than processes.
         TrainingInterrupted: Ctrl-C or SIGTERM; a checkpoint was written first when
             ``checkpoint_path`` is set.
     """
