@@ -29,11 +29,10 @@ def make_context(recipe: Recipe, run: RunDir, dist: Any, device: torch.device, *
     log(f"data: {d.dataset}: {len(splits.train.y)} train, {len(splits.val.y)} val, {len(splits.test.y)} test "
         f"samples, input {tuple(splits.input_shape)}")
     logger = None
-    extra = [name for name in recipe.loggers if name != "jsonl"]
-    if extra and dist.is_main:
+    if recipe.loggers and dist.is_main:  # per-step loss parts and epoch records (metrics.jsonl has the epochs)
         from torchslim.train.loggers import make_logger  # noqa: PLC0415 (optional packages)
 
-        logger = make_logger(extra, run.root / "logs", recipe.name)
+        logger = make_logger(recipe.loggers, run.root / "logs", recipe.name)
     return RunContext(recipe, run, Store(store if store is not None else run.root / "store"), splits, device, dist,
                       progress=progress, logger=logger)
 
@@ -61,6 +60,7 @@ def _session(recipe: Recipe, run: RunDir, dist: Any, device: torch.device, store
              trusted: set[str] | None) -> Iterator[Runner]:
     """The run folder locked for this process (a second process is refused), the runner, and clean-up."""
     lock = run.lock() if dist.is_main else contextlib.nullcontext()
+    threads = torch.get_num_threads()  # the recipe's thread count is restored for a library caller
     try:
         with lock:
             ctx = make_context(recipe, run, dist, device, store=store, progress=progress)
@@ -70,6 +70,7 @@ def _session(recipe: Recipe, run: RunDir, dist: Any, device: torch.device, store
                 if ctx.logger is not None:
                     ctx.logger.close()
     finally:
+        torch.set_num_threads(threads)
         shutdown(dist)
 
 

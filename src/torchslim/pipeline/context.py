@@ -148,14 +148,12 @@ class RunContext:
         def epoch_end(record: dict[str, Any]) -> None:
             self._live = [r for r in self._live if not (r.get("stage") == name and r.get("epoch", 0) >= record["epoch"])]
             self.record(record)
-            if self.logger is not None and self.dist.is_main:
-                self.logger.log_epoch(name, record["epoch"], record)
             if also is not None:
                 also(record)
 
         kwargs = dict(val=self.splits.val, seed=seed, device=self.device, precision=self.recipe.precision,
                       checkpoint_path=entry.work / f"{name}.pt", stage=name, on_epoch_end=epoch_end,
-                      on_step_end=on_step_end, progress=self.progress, dist=self.dist)
+                      on_step_end=on_step_end, progress=self.progress, dist=self.dist, logger=self.logger)
         if teacher is None:
             history = fit(model, self.splits.train, config, **kwargs)
         else:

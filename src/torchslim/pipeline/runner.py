@@ -8,6 +8,7 @@ so a killed and resumed run ends with the same metrics as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Any
@@ -25,7 +26,7 @@ from torchslim.pipeline.report import write_outputs
 from torchslim.pipeline.rundir import RunDir
 from torchslim.pipeline.stages import STAGES, Stage, StageResult
 from torchslim.pipeline.store import Store, content_key, file_digest
-from torchslim.train.distributed import barrier
+from torchslim.train.distributed import barrier, broadcast_object
 
 VERSION = "0.2.0"  # part of every store key: another torchslim recomputes
 
@@ -101,8 +102,10 @@ class Runner:
         ctx, entry = self.ctx, self.ctx.store.entry(stage.id, key)
         source = ctx.get(stage.input_name)
         if not ctx.done(entry):
-            with ctx.store.producing(entry):  # another process producing the same output: wait for it
-                if not entry.is_done():
+            # Another process producing the same output: wait for it. Under torchrun rank 0 alone
+            # locks (the others are needed for its collectives) and tells them whether to run.
+            with ctx.store.producing(entry) if ctx.dist.is_main else contextlib.nullcontext():
+                if broadcast_object(not entry.is_done(), ctx.dist):
                     log(f"{stage.id}: running ({stage.kind})")
                     self.started = True
                     ctx.entry, started = entry, time.perf_counter()

@@ -30,6 +30,7 @@ class StageConfig(Config):
     """Options every stage has.
 
     Attributes:
+        kind: which stage this is (``train``, ``distill``, ``prune``, ...).
         id: the stage's name in the run folder, the report and the store (default: its
             kind, numbered when a kind appears twice). A later stage names it in ``input``
             or ``teacher``; the stage's seed is derived from it.

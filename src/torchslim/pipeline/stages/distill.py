@@ -7,9 +7,7 @@ from typing import Any, Literal
 import torch.nn as nn
 from pydantic import Field
 
-from torchslim.distill import DistillConfig
-from torchslim.distill.kd import _check_outputs
-from torchslim.errors import ConfigError
+from torchslim.distill import DistillConfig, check_distill_layers
 from torchslim.pipeline.stages.base import Stage, StageConfig, StageResult, register_stage
 from torchslim.train import TrainConfig
 
@@ -41,16 +39,6 @@ class DistillStage(StageConfig):
         return [self.teacher] + [r for r in (self.seed_of, self.baseline) if r]
 
 
-def check_layers(model: nn.Module, names: list[str], role: str) -> None:
-    """Every layer a distillation term names must exist in the model it names."""
-    known = dict(model.named_modules())
-    for name in names:
-        if name not in known:
-            some = ", ".join(n for n in list(known)[1:9])
-            raise ConfigError(f"the {role} has no layer {name!r} (named by a hint or attention term); "
-                              f"its layers include: {some}")
-
-
 @register_stage
 class Distill(Stage):
     kind = "distill"
@@ -64,12 +52,8 @@ class Distill(Stage):
         name = self.teacher_name()
         if name is None:
             return model
-        teacher = ctx.get(name).model
-        cfg = self.config.objective
-        pairs = [(s, t) for term in (cfg.hints, cfg.attention) if term is not None for s, t in term.layers.items()]
-        check_layers(model, [s for s, _ in pairs], "student")
-        check_layers(teacher, [t for _, t in pairs], "teacher")
-        _check_outputs(model, teacher.to(ctx.example.device), ctx.example)
+        # Layer names, class counts and hint shapes, on two real inputs.
+        check_distill_layers(model, ctx.get(name).model, self.config.objective, ctx.example)
         if self.kind == "distill" and self.config.baseline is None:
             self.baseline = next((o.stage.id for o in reversed(list(ctx.outputs.values()))
                                   if o.stage is not None and o.stage.kind == "train"

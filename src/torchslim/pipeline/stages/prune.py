@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from torchslim.atomic import atomic_write_text, atomic_write_with
 from torchslim.config import Config
-from torchslim.distill import DistillConfig
+from torchslim.distill import DistillConfig, check_distill_layers
 from torchslim.errors import ConfigError, TrainingError
 from torchslim.pipeline.stages.base import Stage, StageConfig, StageResult, register_stage
 from torchslim.prune import (GradualSchedule, check_pruning, IterativeSchedule, SensitivityConfig, SensitivityResult,
@@ -109,9 +109,7 @@ class Prune(Stage):
     def plan(self, ctx: Any, model: nn.Module) -> nn.Module:
         check_pruning(model, self.config.method)  # names, a non-empty selection, N:M divisibility
         if self.config.teacher is not None:
-            from torchslim.distill.kd import _check_outputs  # noqa: PLC0415
-
-            _check_outputs(model, ctx.get(self.config.teacher).model, ctx.example)
+            check_distill_layers(model, ctx.get(self.config.teacher).model, self.config.objective, ctx.example)
         return model
 
     # ---------------------------------------------------------------- run

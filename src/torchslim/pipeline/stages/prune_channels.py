@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch.nn as nn
 from pydantic import Field, model_validator
 
-from torchslim.distill import DistillConfig
+from torchslim.distill import DistillConfig, check_distill_layers
 from torchslim.pipeline.stages.base import Stage, StageConfig, StageResult, register_stage
 from torchslim.prune.structured import ChannelPruning, build_dependency_graph, prune_channels
 from torchslim.train import TrainConfig
@@ -65,6 +65,8 @@ class PruneChannels(Stage):
 
         build_dependency_graph(model, ctx.splits.train.x[:1].to(ctx.example.device), exclude=self.config.method.exclude)
         check_channel_names(model, ctx.splits.train.x[:1].to(ctx.example.device), self.config.method)
+        if self.config.teacher is not None:
+            check_distill_layers(model, ctx.get(self.config.teacher).model, self.config.objective, ctx.example)
         return model
 
     def run(self, ctx: Any, model: nn.Module) -> StageResult:
