@@ -153,8 +153,9 @@ def test_bad_recipe_is_refused_with_the_key_named(tmp_path):
     assert result.returncode == 2
     assert "distill.kd.temprature: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
-    result = _cli("run", str(ROOT / "recipes/fashion_mnist.yaml"), "--set", "prune.sparsity=1.5", "--out", str(tmp_path / "o2"))
-    assert result.returncode == 2 and "prune.sparsity" in result.stderr
+    result = _cli("run", str(ROOT / "recipes/fashion_mnist.yaml"), "--set", "stages.pruned.method.sparsity=1.5",
+                  "--out", str(tmp_path / "o2"))
+    assert result.returncode == 2 and "stages.2.method.sparsity: Input should be less than 1" in result.stderr
 
 
 def test_sigkill_during_training_then_resume_gives_the_same_metrics(finished_run, recipe_file, tmp_path):
