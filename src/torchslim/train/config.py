@@ -14,7 +14,8 @@ class TrainConfig(Config):
 
     Attributes:
         epochs: passes over the training set (0 skips training).
-        batch_size: samples per optimizer step (per process under DDP).
+        batch_size: samples per optimizer step, split across the processes under DDP (so a
+            run under torchrun takes the steps a single process would).
         optimizer: ``sgd`` (with ``momentum``/``nesterov``), ``adam`` or ``adamw``.
         lr: peak learning rate.
         momentum: SGD momentum.
@@ -27,6 +28,10 @@ class TrainConfig(Config):
         label_smoothing: cross-entropy label smoothing for the task loss.
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         eval_batch_size: batch size for evaluation passes.
+        sync_batchnorm: under DDP, compute BatchNorm batch statistics over the whole step's
+            batch (all ranks) with ``torch.nn.SyncBatchNorm`` instead of each rank's share;
+            the model gets its own BatchNorm layers back when training ends. Needs CUDA
+            (torch's SyncBatchNorm has no CPU kernel); ignored in a single process.
 
     Example:
         >>> import torchslim as ts
@@ -47,3 +52,4 @@ class TrainConfig(Config):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(None, gt=0.0)
     eval_batch_size: int = Field(1024, ge=1)
+    sync_batchnorm: bool = False

@@ -12,6 +12,7 @@ permutation; metrics are summed across ranks; only rank 0 writes).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as torch_dist
@@ -228,7 +229,11 @@ def fit(
         progress: show a progress bar (default: only on an interactive terminal).
         dist: rank and world size; default read from ``torch.distributed``. Under
             DistributedDataParallel every step's ``batch_size`` samples are split
-            across the ranks, so the updates match a single-process run.
+            across the ranks and each rank's loss is weighted by its share of them, so
+            the gradients are a single process's (for an objective whose loss is a mean
+            over the batch) even when the batch does not split evenly. BatchNorm layers
+            normalize by each rank's share unless ``config.sync_batchnorm`` (CUDA only);
+            a last partial batch with fewer samples than ranks is dropped.
         logger: receives every epoch's record (``log_epoch``) and, every ``log_every_steps``
             optimizer steps, that step's loss parts and learning rate (``log_step``, with the
             global step counted from 1). Only rank 0 logs. ``fit`` never closes it (see
@@ -269,11 +274,11 @@ def fit(
         raise ConfigError(f"{stage}: batch_size {config.batch_size} is smaller than the {dist.world_size} processes")
     steps_per_epoch = count_steps(n, config.batch_size, dist.world_size)
 
-    train_model: nn.Module = model
-    if dist.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    sync_bn = config.sync_batchnorm and dist.world_size > 1 and _has_batchnorm(model)
+    if sync_bn and device.type != "cuda":
+        raise ConfigError(
+            f"{stage}: sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU kernel); train on "
+            "device: cuda, or set sync_batchnorm: false (each process then normalizes by its share of the batch)")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         # torch.optim would say only "optimizer got an empty parameter list".
@@ -318,7 +323,7 @@ def fit(
         save_checkpoint(checkpoint_path, state)
 
     show = progress if progress is not None else (dist.is_main and sys.stderr.isatty())
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _ddp_model(model, dist, device, sync_bn) as train_model:
         for epoch in range(start_epoch, config.epochs):
             train_model.train()
             order = epoch_permutation(n, seed, epoch)
@@ -337,6 +342,11 @@ def fit(
             for step in range(first_step, steps_per_epoch):
                 batch_idx = order[step * config.batch_size:(step + 1) * config.batch_size]
                 idx = batch_idx[dist.rank::dist.world_size]
+                # DDP averages the ranks' gradients with equal weights, but a batch that does not
+                # split evenly (33 over 2 ranks: 17 and 16) gives the ranks unequal shares. Weighting
+                # each rank's mean loss by its share makes the average the full batch's mean, i.e.
+                # the single-process gradient.
+                share = len(idx) * dist.world_size / len(batch_idx)
                 x = train.x[idx].to(device, non_blocking=True)
                 y = train.y[idx].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -355,7 +365,7 @@ def fit(
                     if step % 50 == 49 or step == steps_per_epoch - 1:
                         _raise_if_bad(first_bad, stage, epoch)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(loss * share if dist.world_size > 1 else loss).backward()
                 if config.grad_clip is not None:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -370,7 +380,9 @@ def fit(
                 if on_step_end is not None:
                     on_step_end(global_step)
 
-                # Sums stay tensors: no host sync per step, only at the end of the epoch.
+                # Sums stay tensors: no host sync per step, only at the end of the epoch. Each
+                # batch mean is weighted by its sample count, so under DDP the epoch's metrics are
+                # means over samples (not over ranks) once the sums are reduced.
                 batch = len(y)
                 for key, value in parts.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float() * batch
@@ -425,6 +437,47 @@ def fit(
                 raise TrainingInterrupted(f"{stage}: interrupted after epoch {epoch + 1}"
                                           + ("; a checkpoint was written" if checkpoint_path is not None else ""))
     return history
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@contextlib.contextmanager
+def _ddp_model(model: nn.Module, dist: DistContext, device: torch.device, sync_batchnorm: bool) -> Iterator[nn.Module]:
+    """The module the training steps call: ``model`` itself in a single process, else ``model``
+    wrapped in DistributedDataParallel (its BatchNorm layers turned into SyncBatchNorm first
+    when ``sync_batchnorm``).
+
+    SyncBatchNorm layers share their parameters and buffers with the layers they replace, so the
+    optimizer (built on ``model``'s parameters) and checkpoints see the same tensors; on exit,
+    errors included, the original layers go back with the trained values, and the caller's model
+    keeps its own classes (save, load and ONNX export know BatchNorm, not SyncBatchNorm).
+    """
+    if dist.world_size == 1:
+        yield model
+        return
+    replaced: dict[str, nn.Module] = {}
+    if sync_batchnorm:
+        replaced = {name: m for name, m in model.named_modules()
+                    if name and isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        for name in replaced:
+            # convert_sync_batchnorm swaps children in place but returns a new root for a bare
+            # BatchNorm; converting each layer alone and setting it keeps every case the same.
+            _set_submodule(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(replaced[name]))
+    try:
+        yield nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    finally:
+        for name, original in replaced.items():
+            synced = model.get_submodule(name)
+            original.load_state_dict(synced.state_dict())  # the same tensors unless replaced meanwhile
+            original.train(synced.training)
+            _set_submodule(model, name, original)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _stop_everywhere(stop: _StopRequest, dist: DistContext, step: int | None, device: torch.device) -> bool:
