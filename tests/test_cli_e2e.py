@@ -88,6 +88,7 @@ def test_run_folder_holds_every_artifact(finished_run):
 def test_metrics_and_report_numbers_hold_together(finished_run):
     records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     epochs = {(r["stage"], r["epoch"]) for r in records if "epoch" in r}
+    assert len(epochs) == len([r for r in records if "epoch" in r]), "an epoch is recorded twice"
     assert {("student_alone", 3), ("distilled", 3), ("finetuned", 2)} <= epochs
     distill_records = [r for r in records if r.get("stage") == "distilled" and "epoch" in r]
     assert all({"train_task_loss", "train_kd_loss", "val_accuracy"} <= r.keys() for r in distill_records)

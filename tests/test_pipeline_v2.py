@@ -258,3 +258,21 @@ def test_a_recipe_that_is_not_utf8_or_too_big_gets_one_line(tmp_path):
     with pytest.raises(ts.ConfigError) as err:
         parse_recipe(doc)
     assert len(str(err.value).splitlines()) <= 23 and "more errors" in str(err.value)
+
+
+def test_recipe_loggers_write_per_step_records_and_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    doc = {**_v2("logs", [{"kind": "train", "id": "trained", "train": {**TRAIN, "epochs": 2}}, NO_LATENCY, NO_ONNX]),
+           "loggers": ["jsonl", "tensorboard"]}
+    run = run_recipe(parse_recipe(doc), out=tmp_path / "run", progress=False)
+    steps = [json.loads(line) for line in (run / "logs" / "log.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in steps} == {"step", "epoch"} and all(r["stage"] == "trained" for r in steps)
+    (events,) = (run / "logs" / "tensorboard").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent)).Reload()
+    assert any(t.startswith("trained/step/") for t in acc.Tags()["scalars"])
+    logged = [e.value for e in acc.Scalars("trained/epoch/val_accuracy")]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [r["val_accuracy"] for r in records if r.get("stage") == "trained" and "epoch" in r]
+    assert logged == pytest.approx(expected, abs=1e-6) and len(logged) == 2
