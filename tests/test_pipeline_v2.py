@@ -68,7 +68,7 @@ def test_train_and_distill_stages_alone(ctx):
     assert any(not torch.equal(a, b) for a, b in zip(before, result.model.parameters()))
     stage, model = _stage(ctx, {"kind": "distill", "teacher": "teacher", "train": TRAIN}, "student")
     result = stage.run(ctx, model)
-    assert result.report["method"] == "kd" and "train_kd_loss" in ctx._live[-1]
+    assert result.report["method"] == "kd" and "train_kd_loss" in ctx.live[-1]
 
 
 @pytest.mark.parametrize("schedule", [{}, {"gradual": {"end": 0.5, "frequency": 1}},

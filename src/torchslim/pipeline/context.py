@@ -80,7 +80,7 @@ class RunContext:
         self.outputs: dict[str, Output] = {}
         self.entry: StoreEntry | None = None  # the running stage's store entry
         self.records: list[dict[str, Any]] = []  # finished stages' records, in stage order
-        self._live: list[dict[str, Any]] = []  # the running stage's records so far
+        self.live: list[dict[str, Any]] = []  # the running stage's records so far
 
     # ------------------------------------------------------------ identities
     def seed(self, stage_id: str) -> int:
@@ -106,18 +106,18 @@ class RunContext:
     # ------------------------------------------------------------ records
     def record(self, record: dict[str, Any]) -> None:
         """Add a record of the running stage (an event or an epoch) and rewrite ``metrics.jsonl``."""
-        self._live.append(record)
+        self.live.append(record)
         self._write()
 
     def commit(self, records: list[dict[str, Any]]) -> None:
         """The running stage finished with ``records``: they replace its live ones."""
         self.records.extend(records)
-        self._live = []
+        self.live = []
         self._write()
 
     def _write(self) -> None:
         if self.dist.is_main:
-            self.run.write_metrics(self.records + self._live)
+            self.run.write_metrics(self.records + self.live)
 
     # ------------------------------------------------------------ training
     def teacher_cache(self, teacher: nn.Module, config: DistillConfig, train_config: TrainConfig) -> Any:
@@ -146,7 +146,7 @@ class RunContext:
         also = on_epoch_end
 
         def epoch_end(record: dict[str, Any]) -> None:
-            self._live = [r for r in self._live if not (r.get("stage") == name and r.get("epoch", 0) >= record["epoch"])]
+            self.live = [r for r in self.live if not (r.get("stage") == name and r.get("epoch", 0) >= record["epoch"])]
             self.record(record)
             if also is not None:
                 also(record)
@@ -167,7 +167,7 @@ class RunContext:
             for record in history:
                 record["teacher_outputs"] = loss.teacher_outputs
         # The checkpoint's history is the whole truth: it replaces what was logged live.
-        self._live = [r for r in self._live if r.get("stage") != name] + history
+        self.live = [r for r in self.live if r.get("stage") != name] + history
         self._write()
         return history
 

@@ -113,8 +113,8 @@ class Runner:
                     if ctx.dist.is_main:
                         if stage.produces_model:
                             self._save(result.model, entry.model_path, stage.id)
-                        live = {id(r) for r in ctx._live}  # records the stage logged as it ran, once each
-                        records = ctx._live + [r for r in result.records if id(r) not in live]
+                        live = {id(r) for r in ctx.live}  # records the stage logged as it ran, once each
+                        records = ctx.live + [r for r in result.records if id(r) not in live]
                         entry.write_result({"records": records, "report": result.report,
                                             "files": result.files, "seconds": time.perf_counter() - started})
             barrier(ctx.dist)
