@@ -1,0 +1,40 @@
+"""Quantization: int8 post-training quantization in ONNX Runtime (and, beside it, weight sharing).
+
+* :class:`Int8Config` + :func:`quantize`: static int8 in ONNX Runtime's QDQ format
+  (BatchNorm folded; min-max / percentile / entropy calibration on a split;
+  per-tensor or per-channel weights; U8S8 with ``reduce_range`` chosen from the
+  CPU's instruction set; layers kept float by name or ``re:`` regex), or dynamic
+  int8 for Linear-only models. The result, a :class:`QuantizedModel`, is an int8
+  ONNX file whose accuracy is measured by running it in ONNX Runtime.
+
+Example:
+    >>> import torch, torchslim as ts
+    >>> model = ts.models.create("fmnist_student", width=4, fc=8)
+    >>> q = ts.quant.quantize(model, ts.quant.Int8Config(calibration_samples=16), calib=torch.randn(32, 1, 28, 28))
+    >>> q.describe()["scheme"]
+    'U8S8'
+"""
+
+from torchslim.quant.int8 import (
+    Int8Config,
+    QuantizedModel,
+    check_int8,
+    cpu_int8_profile,
+    layer_node_map,
+    quantizable_layers,
+    quantize,
+    resolved_types,
+)
+
+# weight sharing and packing: see sharing.py, pack.py (their imports go here)
+
+__all__ = [
+    "Int8Config",
+    "QuantizedModel",
+    "check_int8",
+    "cpu_int8_profile",
+    "layer_node_map",
+    "quantizable_layers",
+    "quantize",
+    "resolved_types",
+]

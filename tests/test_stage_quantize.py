@@ -1,0 +1,63 @@
+"""The ``quantize`` stage in a tiny v2 recipe on digits: files, report, plan-time checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from torchslim.errors import ConfigError
+from torchslim.pipeline import parse_recipe, run_recipe
+
+TEACHER = {"preset": "fmnist_teacher", "args": {"width": 4, "fc": 16}}
+MLP = {"preset": "lenet300_100", "args": {"hidden1": 16, "hidden2": 8}}
+
+
+def _recipe(stages: list[dict], model: dict = TEACHER) -> dict:
+    return {"version": 2, "name": "q", "seed": 0, "threads": 1,
+            "data": {"dataset": "digits", "val_fraction": 0.15, "train_limit": 256, "test_limit": 128},
+            "models": {"net": model}, "stages": stages}
+
+
+TRAIN = {"kind": "train", "id": "trained", "train": {"epochs": 1, "lr": 0.003, "batch_size": 64}}
+QUANT = {"kind": "quantize", "method": {"calibration_samples": 64, "exclude": ["classifier.3"]},
+         "latency_batch_sizes": [1, 16], "latency_budget_s": 0.05, "fallback_if_slower": False}
+
+
+def test_quantize_stage_writes_int8_and_fp32_onnx_and_reports_ort_accuracy(tmp_path):
+    run = run_recipe(parse_recipe(_recipe([TRAIN, QUANT])), out=tmp_path / "run", progress=False)
+    assert (run / "model.int8.onnx").is_file() and (run / "model.fp32.onnx").is_file()
+    assert (run / "model.int8.onnx").stat().st_size < (run / "model.fp32.onnx").stat().st_size
+    summary = json.loads((run / "summary.json").read_text())
+    rep = summary["stages"]["quantize"]["report"]
+    assert rep["quant"]["excluded"] == ["classifier.3"] and rep["quant"]["bn_folded"]
+    assert rep["quant"]["scheme"] == "U8S8" and rep["shipped"] == "int8"
+    assert set(rep["accuracy"]) == {"ort_fp32", "ort_int8", "torch"}
+    assert abs(rep["accuracy"]["ort_fp32"] - rep["accuracy"]["torch"]) < 1e-9  # the fp32 file is the model
+    assert set(rep["latency"]) == {"1", "16"} and set(rep["latency"]["1"]) == {"ort_fp32", "ort_int8", "torch"}
+    report = (run / "report.md").read_text()
+    assert "## Quantization (quantize)" in report and "`model.int8.onnx`" in report and "ONNX Runtime" in report
+
+
+def test_an_exclude_name_that_matches_no_layer_fails_in_plan_before_training(tmp_path):
+    bad = {**QUANT, "method": {"exclude": ["classifier.9"]}}
+    with pytest.raises(ConfigError, match="classifier.9"):
+        run_recipe(parse_recipe(_recipe([TRAIN, bad])), out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "train" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_dynamic_mode_on_a_conv_model_fails_in_plan(tmp_path):
+    with pytest.raises(ConfigError, match="Linear-only"):
+        run_recipe(parse_recipe(_recipe([{"kind": "quantize", "method": {"mode": "dynamic"}}])),
+                   out=tmp_path / "run", progress=False)
+
+
+def test_the_slower_int8_file_is_not_shipped_when_fallback_is_on(tmp_path):
+    # Dynamic int8 of a 16-8 MLP on 8x8 inputs: quantizing activations at run time costs more than it saves.
+    stage = {"kind": "quantize", "method": {"mode": "dynamic"}, "latency_batch_sizes": [1],
+             "latency_budget_s": 0.05}
+    run = run_recipe(parse_recipe(_recipe([stage], MLP)), out=tmp_path / "run", progress=False)
+    rep = json.loads((run / "summary.json").read_text())["stages"]["quantize"]["report"]
+    assert rep["shipped"] == ("fp32" if rep["int8_slower"] else "int8")
+    assert (run / "model.int8.onnx").is_file() == (rep["shipped"] == "int8")
+    assert (run / "model.fp32.onnx").is_file()
