@@ -128,6 +128,45 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from torchslim.data import load_dataset
+    from torchslim.export import load
+    from torchslim.measure import compare_ort_latency, measure_latency
+    from torchslim.quant import Int8Config, quantize
+    from torchslim.train import evaluate
+
+    config = Int8Config(mode=args.mode, calibration=args.calibration, per_channel=args.per_channel,
+                        exclude=tuple(args.exclude), calibration_samples=args.calibration_samples)
+    model = load(args.model, factory=args.factory).cpu().eval()
+    splits = load_dataset(args.data, root=args.root, val_size=0.1, test_limit=args.test_limit)
+    out = Path(args.out) if args.out else Path(args.model).resolve().parent
+    stem = Path(args.model).name.removesuffix(".slim")
+    q = quantize(model, config, calib=splits.train, example=splits.test.x[:8],
+                 normalization={"mean": list(splits.mean), "std": list(splits.std)})
+    fp32_path = q.export_onnx(out / f"{stem}.fp32.onnx", precision="fp32")
+    int8_path = q.export_onnx(out / f"{stem}.int8.onnx")
+    d = q.describe()
+    print(f"{int8_path} ({d['int8_bytes']:,} bytes; fp32 {fp32_path}: {d['fp32_bytes']:,} bytes, "
+          f"{d['size_ratio']:.2f}x smaller)")
+    print(f"{d['mode']} int8, {d['scheme']}{' reduce_range' if d['reduce_range'] else ''}: {d['why']}")
+    if d["excluded"]:
+        print("kept float: " + ", ".join(d["excluded"]))
+    fp32 = q.evaluate(splits.test, precision="fp32")["accuracy"]
+    int8 = q.evaluate(splits.test)["accuracy"]
+    eager = evaluate(model, splits.test, device=torch.device("cpu"))["accuracy"]
+    print(f"accuracy on {len(splits.test.y)} test samples: ONNX Runtime fp32 {100 * fp32:.2f}%, "
+          f"int8 {100 * int8:.2f}% ({100 * (int8 - fp32):+.2f} points); torch {100 * eager:.2f}%")
+    for b in [] if args.no_latency else args.batch_sizes:
+        ort = compare_ort_latency({"fp32": q.fp32_onnx, "int8": q.int8_onnx}, splits.test.x[:1], b)
+        torch_ms = measure_latency(model, splits.test.x[:1], b)["median_ms"]
+        print(f"latency b={b}: ONNX Runtime fp32 {ort['fp32']['median_ms']:.3f} ms, int8 "
+              f"{ort['int8']['median_ms']:.3f} ms ({ort['fp32']['median_ms'] / ort['int8']['median_ms']:.2f}x); "
+              f"torch eager {torch_ms:.3f} ms ({torch.get_num_threads()} threads)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchslim", description="Make PyTorch models smaller and faster: "
                                      "knowledge distillation and pruning, measured and exported.")
@@ -177,6 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     prof.add_argument("--factory", help="trust the user model factory the file names (module:function)")
     prof.set_defaults(func=_cmd_profile)
+
+    quant = sub.add_parser("quantize", help="int8 ONNX of a saved .slim model, evaluated and timed in ONNX Runtime")
+    quant.add_argument("model", help=".slim file")
+    quant.add_argument("--data", required=True, choices=["fashion-mnist", "mnist", "digits"],
+                       help="calibration (training split) and evaluation (test split) data")
+    quant.add_argument("--root", help="folder holding the dataset's IDX files")
+    quant.add_argument("--out", help="folder for NAME.int8.onnx and NAME.fp32.onnx (default: beside MODEL)")
+    quant.add_argument("--mode", choices=["static", "dynamic"], default="static",
+                       help="dynamic: Linear-only models (default static, QDQ)")
+    quant.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
+    quant.add_argument("--calibration-samples", type=int, default=512)
+    quant.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
+    quant.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
+                       help="layers kept float: torch names or re:REGEX")
+    quant.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    quant.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    quant.add_argument("--test-limit", type=int, help="evaluate on the first N test samples")
+    quant.add_argument("--factory", help="trust the user model factory the file names (module:function)")
+    quant.set_defaults(func=_cmd_quantize)
     return parser
 
 
