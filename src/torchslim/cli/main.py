@@ -108,6 +108,21 @@ def _fraction(text: str) -> float:
     return value
 
 
+MAX_PROFILE_BATCH = 65536
+
+
+def _batch_size(text: str) -> int:
+    """A ``--batch-sizes`` entry: profiling allocates a batch of this many inputs, so it is bounded
+    (a typo like 100000000 would otherwise ask the allocator for tens of gigabytes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_PROFILE_BATCH:
+        raise argparse.ArgumentTypeError(f"expected a batch size from 1 to {MAX_PROFILE_BATCH}, got {text!r}")
+    return value
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     import torchslim.models as models
 
@@ -213,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = sub.add_parser("profile", help="params, nonzero, MACs, bytes and latency of a saved .slim model")
     prof.add_argument("model", help=".slim file")
-    prof.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    prof.add_argument("--batch-sizes", type=_batch_size, nargs="+", default=[1, 256],
+                      help=f"batch sizes to time (each 1..{MAX_PROFILE_BATCH}; default 1 256)")
     prof.add_argument("--factory", help="trust the user model factory the file names (module:function)")
     prof.set_defaults(func=_cmd_profile)
 

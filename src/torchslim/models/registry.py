@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence, overload
 
 import torch.nn as nn
 
-from torchslim.errors import ModelError
+from torchslim.errors import ModelError, TorchSlimError
 
 SPEC_ATTR = "torchslim_spec"
 
@@ -142,9 +142,26 @@ def import_factory(target: str) -> Callable[..., nn.Module]:
 
 
 def create_from_factory(target: str, **args: Any) -> nn.Module:
-    """Build a user's model from ``"package.module:function"`` and keyword arguments."""
+    """Build a user's model from ``"package.module:function"`` and keyword arguments.
+
+    Raises:
+        ModelError: the factory cannot be imported, does not take ``args``, raises (any
+            exception from the user's code, named with the factory so the user knows whose
+            code failed), or returns something that is not a module.
+    """
     fn = import_factory(target)
-    model = fn(**args)
+    try:
+        inspect.signature(fn).bind(**args)
+    except ValueError:  # no signature to read (a builtin): let the call say whether it fits
+        pass
+    except TypeError as exc:
+        raise ModelError(f"model factory {target!r} does not take arguments {args}: {exc}") from None
+    try:
+        model = fn(**args)
+    except TorchSlimError:
+        raise
+    except Exception as exc:  # the user's code: one line naming the factory, the cause chained
+        raise ModelError(f"model factory {target!r} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model factory {target!r} returned {type(model).__name__}, not a torch.nn.Module")
     setattr(model, SPEC_ATTR, {"factory": target, "args": dict(args)})
