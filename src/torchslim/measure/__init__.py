@@ -1,4 +1,4 @@
-"""Measuring models: parameters, nonzero, MACs, bytes in memory and on disk, latency (in torch and in ONNX Runtime), accuracy.
+"""Measuring models: parameters, nonzero, MACs, bytes, latency (torch and ONNX Runtime), accuracy.
 
 :func:`profile` gathers everything into one :class:`Profile` (``print`` it for a
 table); :func:`profile_file` does the same for a saved ``.slim`` file.

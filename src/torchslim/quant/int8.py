@@ -182,7 +182,7 @@ def quantizable_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[st
 
 
 def _onnx_layer_nodes(proto: Any) -> list[tuple[str, tuple[int, ...], str, bool]]:
-    """(node name, weight shape, op, transposed) of the Conv/Gemm/MatMul nodes with a constant weight, in graph order."""
+    """(name, weight shape, op, transposed) of Conv/Gemm/MatMul nodes with a constant weight, in graph order."""
     from onnx import numpy_helper  # noqa: PLC0415
 
     inits = {i.name: tuple(numpy_helper.to_array(i).shape) for i in proto.graph.initializer}
@@ -435,7 +435,8 @@ def quantize(model: nn.Module, config: Int8Config | None = None, *, calib: Any =
                              per_channel=config.per_channel, reduce_range=types["reduce_range"],
                              nodes_to_exclude=nodes_to_exclude, op_types_to_quantize=["MatMul", "Gemm"])
             samples = 0
-            types = {**types, "activation_type": "uint8", "scheme": "U8" + types["scheme"][2:]}  # DynamicQuantizeLinear is u8
+            # DynamicQuantizeLinear always makes uint8 activations
+            types = {**types, "activation_type": "uint8", "scheme": "U8" + types["scheme"][2:]}
         q_proto = onnx.load(os.fspath(int8))
         bn_folded = not any(n.op_type == "BatchNormalization" for n in q_proto.graph.node)
         result = QuantizedModel(int8.read_bytes(), fp32.read_bytes(), config, types, layers, excluded, samples,

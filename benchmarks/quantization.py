@@ -1,0 +1,168 @@
+"""Int8 post-training quantization: torchslim.quant vs. ONNX Runtime's own quantize_static defaults.
+
+For each model (``lenet300_100``, ``lenet5``, ``fmnist_student`` trained briefly
+here; the shipped trained ``fmnist_teacher`` from
+``recipes/weights/fmnist_teacher.slim``), on Fashion-MNIST:
+
+* the fp32 ONNX file: :func:`torchslim.export.export_onnx` (BatchNorm folded,
+  parity with PyTorch checked);
+* torchslim: :func:`torchslim.quant.quantize` with ``Int8Config()`` (static QDQ,
+  min-max, per tensor, U8S8, ``reduce_range`` from the CPU's instruction set,
+  after ORT's ``quant_pre_process``), and the same with ``per_channel=True``;
+* peer: ``onnxruntime.quantization.quantize_static`` with its defaults
+  (QDQ, S8S8, min-max, per tensor, no pre-processing) on the same fp32 ONNX
+  file with the same calibration inputs: what a user gets from ONNX Runtime alone.
+
+Every int8 file is evaluated by running it in ONNX Runtime (accuracy on the test
+split), sized on disk, and timed in ONNX Runtime at batch 1 and 256 with the same
+pinned threads, all files of a model timed run by run in alternation
+(:func:`torchslim.measure.compare_ort_latency`); torch eager is timed beside.
+
+Output: JSON lines on stdout (``config``, one ``result`` per model and method,
+``summary`` with the issue's targets). Run from the repository root::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/quantization.py            # a few minutes
+    PYTHONPATH=src .venv/bin/python benchmarks/quantization.py --quick    # about a minute
+
+Without Fashion-MNIST, sklearn's digits (8x8) is used, without the shipped
+teacher (it is trained for 28x28), and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import torchslim as ts
+from torchslim.data import load_dataset
+from torchslim.errors import DataError
+from torchslim.measure import compare_ort_latency, measure_latency, ort_accuracy
+from torchslim.quant import Int8Config, cpu_int8_profile, quantize
+
+ROOT = Path(__file__).resolve().parent.parent
+TEACHER = ROOT / "recipes" / "weights" / "fmnist_teacher.slim"
+MODELS = ("lenet300_100", "lenet5", "fmnist_student", "fmnist_teacher")
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def ort_default_int8(fp32: Path, out: Path, calib: torch.Tensor, batch_size: int = 64) -> None:
+    """The peer: ``quantize_static`` with every option at its default, on the same fp32 file and inputs."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([calib[i:i + batch_size].numpy() for i in range(0, len(calib), batch_size)])
+
+        def get_next(self) -> dict | None:
+            batch = next(self.it, None)
+            return None if batch is None else {"input": batch}
+
+    quantize_static(os.fspath(fp32), os.fspath(out), Reader())
+
+
+def get_model(name: str, splits: Any, epochs: int, seed: int) -> tuple[torch.nn.Module, str]:
+    if name == "fmnist_teacher" and splits.input_shape[-1] == 28 and TEACHER.is_file():
+        return ts.load(TEACHER).eval(), f"shipped weights {TEACHER.relative_to(ROOT)}"
+    torch.manual_seed(seed)
+    model = ts.models.create(name, input_size=splits.input_shape[-1], num_classes=splits.num_classes)
+    ts.fit(model, splits.train, ts.TrainConfig(epochs=epochs, lr=0.001, batch_size=128, optimizer="adam",
+                                               schedule="cosine"), seed=seed, progress=False)
+    return model.eval(), f"trained here: {epochs} epoch(s) on {len(splits.train.y)} samples"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples, epochs and timed runs")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
+    parser.add_argument("--calibration-samples", type=int, default=None)
+    parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed runs per measurement")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    train_limit, test_limit, epochs = (6000, 2000, 1) if quick else (None, None, 3)
+    calib_n = args.calibration_samples or (256 if quick else 512)
+    budget = args.budget_s or (0.3 if quick else 1.0)
+    torch.set_num_threads(args.threads)
+    try:
+        splits = load_dataset("fashion-mnist", val_size=5000, train_limit=train_limit, test_limit=test_limit,
+                              download=False)
+    except DataError as exc:
+        print(f"# Fashion-MNIST not found ({exc}); using digits", file=sys.stderr)
+        splits = load_dataset("digits", val_size=0.1)
+    emit({"config": {"dataset": splits.name, "train": len(splits.train.y), "test": len(splits.test.y),
+                     "epochs": epochs, "calibration_samples": calib_n, "threads": args.threads,
+                     "budget_s": budget, "quick": quick, "cpu": cpu_int8_profile(),
+                     "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
+                     "python": platform.python_version()}})
+    summary: dict[str, Any] = {}
+    test = splits.test
+    for name in args.models:
+        if name == "fmnist_teacher" and splits.input_shape[-1] != 28:
+            continue
+        started = time.perf_counter()
+        model, origin = get_model(name, splits, epochs, seed=0)
+        torch_acc = ts.evaluate(model, test, device=torch.device("cpu"))["accuracy"]
+        with tempfile.TemporaryDirectory() as tmp:
+            norm = {"mean": list(splits.mean), "std": list(splits.std)}
+            q = quantize(model, Int8Config(calibration_samples=calib_n), calib=splits.train, example=test.x[:8],
+                         normalization=norm)
+            qc = quantize(model, Int8Config(calibration_samples=calib_n, per_channel=True), calib=splits.train,
+                          example=test.x[:8], normalization=norm)
+            fp32 = q.export_onnx(Path(tmp) / "fp32.onnx", precision="fp32")
+            peer = Path(tmp) / "ort_default.int8.onnx"
+            # The same calibration inputs torchslim used (its seeded subset of the training split).
+            gen = torch.Generator().manual_seed(0)
+            calib = splits.train.x[torch.randperm(len(splits.train.x), generator=gen)[:calib_n]].float()
+            ort_default_int8(fp32, peer, calib)
+            files = {"fp32": fp32.read_bytes(), "torchslim": q.int8_onnx, "torchslim_per_channel": qc.int8_onnx,
+                     "ort_defaults": peer.read_bytes()}
+        acc = {k: ort_accuracy(v, test.x, test.y, threads=args.threads) for k, v in files.items()}
+        lat: dict[str, dict[str, float]] = {k: {} for k in files}
+        for b in (1, 256):
+            timed = compare_ort_latency(files, test.x[:1], b, threads=args.threads, budget_s=budget)
+            for k in files:
+                lat[k][str(b)] = timed[k]["median_ms"]
+            lat.setdefault("torch_eager", {})[str(b)] = measure_latency(model, test.x[:1], b, threads=args.threads,
+                                                                        budget_s=budget)["median_ms"]
+        for method in ("fp32", "torchslim", "torchslim_per_channel", "ort_defaults"):
+            rec = {"result": {"model": name, "origin": origin, "method": method, "runtime": "onnxruntime",
+                              "accuracy": acc[method], "drop_points": 100 * (acc["fp32"] - acc[method]),
+                              "bytes": len(files[method]), "size_ratio": len(files["fp32"]) / len(files[method]),
+                              "latency_ms": lat[method],
+                              "speedup_vs_ort_fp32": {b: lat["fp32"][b] / lat[method][b] for b in lat[method]},
+                              "speedup_vs_torch": {b: lat["torch_eager"][b] / lat[method][b] for b in lat[method]}}}
+            if method.startswith("torchslim"):
+                rec["result"]["settings"] = {k: v for k, v in (q if method == "torchslim" else qc).describe().items()
+                                             if k in ("scheme", "reduce_range", "per_channel", "calibration", "isa")}
+            emit(rec)
+        emit({"result": {"model": name, "method": "torch_eager", "runtime": "torch", "accuracy": torch_acc,
+                         "latency_ms": lat["torch_eager"]}})
+        summary[name] = {"drop_points": 100 * (acc["fp32"] - acc["torchslim"]),
+                         "size_ratio": len(files["fp32"]) / len(files["torchslim"]),
+                         "speedup_b256": lat["fp32"]["256"] / lat["torchslim"]["256"],
+                         "ort_defaults_speedup_b256": lat["fp32"]["256"] / lat["ort_defaults"]["256"],
+                         "seconds": time.perf_counter() - started}
+    targets = {
+        "drop <= 0.3 points on every model": all(s["drop_points"] <= 0.3 for s in summary.values()),
+        "int8 >= 3.5x smaller than fp32 ONNX": all(s["size_ratio"] >= 3.5 for s in summary.values()),
+        "teacher int8 >= 1.6x faster than fp32 at b=256": summary.get("fmnist_teacher", {}).get("speedup_b256", 0)
+        >= 1.6,
+    }
+    emit({"summary": {"models": summary, "targets": targets, "pass": all(targets.values())}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
