@@ -10,6 +10,7 @@ schedule, the stage trains (``train``), distilling from ``teacher`` when set.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Literal
 
@@ -27,8 +28,10 @@ from torchslim.prune import (GradualSchedule, check_pruning, IterativeSchedule, 
                              UnstructuredPruning, at_sparsity, global_sparsity, gradual_pruning_hook, layer_sparsity,
                              masked_layers, prune_, prune_iteratively, pruning_layers, pruning_summary, select_layers,
                              sensitivity_analysis)
+from torchslim.pipeline.store import content_key
 from torchslim.train import TrainConfig
 from torchslim.train.checkpoint import load_checkpoint
+from torchslim.train.distributed import barrier
 from torchslim.train.loop import count_steps
 
 
@@ -146,17 +149,28 @@ class Prune(Stage):
         return StageResult(model, [], report, files)
 
     def _sensitivity(self, ctx: Any, model: nn.Module, config: UnstructuredPruning) -> SensitivityResult:
-        """The sensitivity analysis of the input (read back when this stage made it before it was killed)."""
-        path = ctx.entry.files / "sensitivity.json"
-        if path.is_file():
-            return SensitivityResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        """The sensitivity analysis of the input, kept in the store under its own key.
+
+        Two stages that analyse the same input with the same sweep (the one-shot row
+        and the scheduled stage of a migrated v1 recipe) share one analysis, and a
+        resumed stage allocates exactly what it allocated before.
+        """
         base = config.model_copy(update={"overrides": {k: v for k, v in config.overrides.items() if v is None}})
         sweep = self.config.sensitivity.model_copy(update={"pruning": base})
-        result = sensitivity_analysis(model, ctx.splits.val, sweep, data=ctx.splits.train if base.needs_data else None,
-                                      device=ctx.device)
-        if ctx.dist.is_main:
-            write_sensitivity(result, ctx.entry.files, "sensitivity")
-        return result
+        shared = ctx.store.entry("sensitivity", content_key(ctx.get(self.input_name).key, sweep.to_dict(),
+                                                            ctx.data_key))
+        with ctx.store.producing(shared) if ctx.dist.is_main else contextlib.nullcontext():
+            if not shared.is_done():
+                result = sensitivity_analysis(model, ctx.splits.val, sweep, device=ctx.device,
+                                              data=ctx.splits.train if base.needs_data else None)
+                if ctx.dist.is_main:
+                    write_sensitivity(result, shared.files, "sensitivity")
+                    shared.write_result({"records": [], "report": {}, "files": []})
+        barrier(ctx.dist)
+        for name in ("sensitivity.json", "sensitivity.md", "sensitivity.png"):
+            if ctx.dist.is_main:
+                ctx.store.place(shared.files / name, ctx.entry.files / name)
+        return SensitivityResult.from_dict(json.loads((shared.files / "sensitivity.json").read_text(encoding="utf-8")))
 
     def _iterate(self, ctx: Any, model: nn.Module, config: UnstructuredPruning, data: Any,
                  teacher: nn.Module | None) -> None:
