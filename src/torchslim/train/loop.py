@@ -296,16 +296,26 @@ def fit(
     torch.manual_seed(seed)
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
         state = load_checkpoint(checkpoint_path, model)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start_epoch, start_step = int(state["epoch"]), int(state.get("step", 0))
-        partial = state.get("partial")
-        history = list(state["history"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"])
+            if device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            start_epoch, start_step = int(state["epoch"]), int(state.get("step", 0))
+            partial = state.get("partial")
+            if partial is not None:  # rebuilt here, so a malformed one fails here and not mid-epoch
+                partial = {"sums": {str(k): v.cpu() for k, v in partial["sums"].items()},
+                           "correct": partial["correct"].cpu(), "seen": int(partial["seen"]),
+                           "elapsed": float(partial["elapsed"])}
+            history = list(state["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            # The checksum matched, so the file is as written, but not by this loop (or by a
+            # torchslim whose checkpoint layout differed): name it rather than fail deep in torch.
+            raise TrainingError(f"checkpoint {checkpoint_path} does not hold a training state this loop can resume "
+                                f"({type(exc).__name__}: {str(exc)[:200]}). Delete it to restart the stage.") from exc
 
     def save(epoch: int, step: int, totals: dict[str, Any] | None) -> None:
         if checkpoint_path is None or not dist.is_main:
