@@ -132,3 +132,16 @@ def test_ort_latency_and_alternated_comparison(data, tmp_path):
         ort_latency(path, (1, 8, 8), batch_size=0)
     with pytest.raises(ModelError):
         ort_latency(tmp_path / "missing.onnx", (1, 8, 8))
+
+
+def test_layer_sweep_measures_each_layer_kept_float_and_builds_an_exclude_list():
+    from torchslim.quant.precision import int8_layer_sweep
+
+    gen = torch.Generator().manual_seed(1)
+    split = types.SimpleNamespace(x=torch.randn(96, 1, 8, 8, generator=gen), y=torch.randint(0, 3, (96,), generator=gen))
+    mlp = ts.models.create("lenet300_100", hidden1=16, hidden2=8, input_size=8, num_classes=3)
+    sweep = int8_layer_sweep(mlp, Int8Config(calibration_samples=32), split, split, batch_sizes=(4,), budget_s=0.02)
+    assert sorted(sweep["layers"]) == ["classifier.0", "classifier.2", "classifier.4"]
+    for name, row in sweep["layers"].items():
+        assert row["keep_float"] == (name in sweep["exclude"]) and set(row["latency_ms"]) == {"4"}
+    assert 0.0 <= sweep["all_int8"]["accuracy"] <= 1.0 and isinstance(sweep["int8_slower_than_fp32"], bool)

@@ -1,0 +1,75 @@
+"""Per-layer precision: which layers to keep float, decided by measuring in ONNX Runtime.
+
+:func:`int8_layer_sweep` quantizes the whole model, then the model with one layer
+at a time kept float, and measures each file in ONNX Runtime: accuracy on a
+validation subset and latency at the given batch sizes (all files of the sweep
+timed in alternation). The rule: keep a layer float when keeping it float makes
+the model faster at some measured batch size (by more than ``latency_tol``) or
+more accurate (by more than ``accuracy_tol``). Its ``exclude`` list goes into
+:class:`~torchslim.quant.Int8Config` (or a recipe's ``quantize.method.exclude``).
+Cost: one quantization and one evaluation per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch.nn as nn
+
+from torchslim.quant.int8 import Int8Config, QUANTIZABLE, quantize
+
+
+def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any, *,
+                     batch_sizes: Sequence[int] = (1, 256), max_samples: int = 1000, threads: int | None = None,
+                     accuracy_tol: float = 0.001, latency_tol: float = 0.03, budget_s: float = 0.5) -> dict[str, Any]:
+    """Measure int8 with each Conv/Linear layer kept float in turn; return the layers to keep float.
+
+    Args:
+        model: the float model (unchanged).
+        config: the int8 settings (its ``exclude`` is the starting point, kept float throughout).
+        calib: the calibration split (``.x``).
+        val: the split accuracy is measured on (``.x``, ``.y``; the first ``max_samples``).
+        batch_sizes: batch sizes latency is measured at.
+        max_samples: validation samples per evaluation.
+        threads: ONNX Runtime intra-op threads (None: ``torch.get_num_threads()``).
+        accuracy_tol: accuracy gain (fraction) that makes a layer stay float.
+        latency_tol: relative latency gain that makes a layer stay float.
+        budget_s: seconds of timed runs per batch size.
+
+    Returns:
+        ``{"all_int8": {...}, "fp32": {...}, "layers": {name: {"accuracy", "latency_ms", "keep_float", "why"}},
+        "exclude": [names], "int8_slower_than_fp32": bool}``.
+    """
+    from torchslim.measure.ort import compare_ort_latency, ort_accuracy  # noqa: PLC0415
+
+    sub = type("Subset", (), {"x": val.x[:max_samples], "y": val.y[:max_samples]})
+    base = quantize(model, config, calib=calib)
+    names = [n for n in base.layers if n not in base.excluded]
+    files = {"fp32": base.fp32_onnx, "all_int8": base.int8_onnx}
+    for name in names:
+        one = Int8Config(**{**config.model_dump(), "exclude": tuple(config.exclude) + (name,)})
+        files[name] = quantize(model, one, calib=calib).int8_onnx
+    accuracy = {k: ort_accuracy(v, sub.x, sub.y, threads=threads) for k, v in files.items()}
+    example = val.x[:1]
+    latency: dict[str, dict[str, float]] = {k: {} for k in files}
+    for b in batch_sizes:
+        timed = compare_ort_latency(files, example, b, threads=threads, budget_s=budget_s)
+        for k in files:
+            latency[k][str(b)] = timed[k]["median_ms"]
+    layers = {}
+    for name in names:
+        faster = [b for b in latency[name] if latency[name][b] < (1 - latency_tol) * latency["all_int8"][b]]
+        better = accuracy[name] > accuracy["all_int8"] + accuracy_tol
+        why = []
+        if faster:
+            why.append(f"faster float at b={','.join(faster)}")
+        if better:
+            why.append(f"+{100 * (accuracy[name] - accuracy['all_int8']):.2f} points float")
+        layers[name] = {"accuracy": accuracy[name], "latency_ms": latency[name], "keep_float": bool(why),
+                        "why": "; ".join(why) or "int8 is as fast and as accurate"}
+    exclude = list(config.exclude) + [n for n in names if layers[n]["keep_float"]]
+    slower = all(latency["all_int8"][b] > latency["fp32"][b] for b in latency["fp32"])
+    return {"all_int8": {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"]},
+            "fp32": {"accuracy": accuracy["fp32"], "latency_ms": latency["fp32"]},
+            "layers": layers, "exclude": exclude, "int8_slower_than_fp32": slower,
+            "samples": len(sub.y), "quantizable": [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]}
