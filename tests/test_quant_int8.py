@@ -138,7 +138,8 @@ def test_layer_sweep_measures_each_layer_kept_float_and_builds_an_exclude_list()
     from torchslim.quant.precision import int8_layer_sweep
 
     gen = torch.Generator().manual_seed(1)
-    split = types.SimpleNamespace(x=torch.randn(96, 1, 8, 8, generator=gen), y=torch.randint(0, 3, (96,), generator=gen))
+    split = types.SimpleNamespace(x=torch.randn(96, 1, 8, 8, generator=gen),
+                                  y=torch.randint(0, 3, (96,), generator=gen))
     mlp = ts.models.create("lenet300_100", hidden1=16, hidden2=8, input_size=8, num_classes=3)
     sweep = int8_layer_sweep(mlp, Int8Config(calibration_samples=32), split, split, batch_sizes=(4,), budget_s=0.02)
     assert sorted(sweep["layers"]) == ["classifier.0", "classifier.2", "classifier.4"]

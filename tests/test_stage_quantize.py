@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -62,3 +63,21 @@ def test_the_slower_int8_file_is_not_shipped_when_fallback_is_on(tmp_path):
     assert rep["shipped"] == ("fp32" if rep["int8_slower"] else "int8")
     assert (run / "model.int8.onnx").is_file() == (rep["shipped"] == "int8")
     assert (run / "model.fp32.onnx").is_file()
+
+
+def test_cli_quantize_writes_the_int8_file_and_prints_ort_accuracy(tmp_path, capsys):
+    import torch
+
+    import torchslim as ts
+    from torchslim.cli.main import main
+
+    torch.manual_seed(0)
+    model = ts.models.create("fmnist_student", width=4, fc=8, input_size=8)
+    ts.save(model, tmp_path / "m.slim", input_shape=[1, 8, 8])
+    rc = main(["quantize", os.fspath(tmp_path / "m.slim"), "--data", "digits", "--out", os.fspath(tmp_path / "out"),
+               "--calibration", "percentile", "--calibration-samples", "32", "--exclude", "classifier.2",
+               "--no-latency"])
+    out = capsys.readouterr().out
+    assert rc == 0 and (tmp_path / "out" / "m.int8.onnx").is_file() and (tmp_path / "out" / "m.fp32.onnx").is_file()
+    assert "ONNX Runtime fp32" in out and "int8" in out and "kept float: classifier.2" in out
+    assert main(["quantize", os.fspath(tmp_path / "m.slim"), "--data", "digits", "--exclude", "nope"]) == 2

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
     quant.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
                        help="layers kept float: torch names or re:REGEX")
-    quant.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    quant.add_argument("--batch-sizes", type=_batch_size, nargs="+", default=[1, 256])
     quant.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     quant.add_argument("--test-limit", type=int, help="evaluate on the first N test samples")
     quant.add_argument("--factory", help="trust the user model factory the file names (module:function)")
