@@ -44,7 +44,7 @@ from torchslim.export.slim import HEADER_KEY, _digest
 from torchslim.train.checkpoint import _MAGIC, load_checkpoint, model_signature, save_checkpoint
 
 # derandomize: the same examples every run, so a failure is never a one-off.
-FUZZ = settings(max_examples=60, deadline=None, database=None, derandomize=True,
+FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 MAX_SECONDS = 5.0
 
