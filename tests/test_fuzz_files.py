@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save as st_save
@@ -232,7 +232,11 @@ def test_damaged_checkpoint_bytes_raise_only_torchslim_errors(data, checkpoint_f
 @given(data=st.data())
 def test_hostile_checkpoint_payloads_raise_only_torchslim_errors(data, checkpoint_file, tmp_path):
     if data.draw(st.booleans()):
-        payload = _torch_bytes(data.draw(checkpoint_objects))  # another object, correctly signed
+        obj = data.draw(checkpoint_objects)
+        # A non-dict "signature" is the known bug of test_signed_checkpoint_with_a_non_dict_signature
+        # (xfail): skipped here so that this test keeps looking for others. Drop this when it is fixed.
+        assume(not (isinstance(obj, dict) and "signature" in obj and not isinstance(obj["signature"], dict)))
+        payload = _torch_bytes(obj)  # another object, correctly signed
     else:
         payload = data.draw(byte_mutations(checkpoint_file[checkpoint_file.index(b"\n", len(_MAGIC)) + 1:]))
     path = tmp_path / "fuzz.pt"
