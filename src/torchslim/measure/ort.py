@@ -179,7 +179,9 @@ def compare_ort_latency(
         Per name: ``{"median_ms", "p90_ms", "min_ms", "repeats", "threads"}``.
 
     Example:
-        >>> import torchslim as ts
+        >>> import torch, torchslim as ts
+        >>> model = ts.models.create("lenet300_100", hidden1=16, hidden2=8)
+        >>> _ = ts.export.export_onnx(model, torch.randn(2, 1, 28, 28), "/tmp/mlp.onnx")
         >>> t = ts.measure.compare_ort_latency({"a": "/tmp/mlp.onnx", "b": "/tmp/mlp.onnx"}, (1, 28, 28),
         ...                                    batch_size=4, repeats=5)
         >>> sorted(t), t["a"]["repeats"]
