@@ -25,10 +25,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pydantic
-
-from torchslim.config import _NESTING, format_validation_error
-from torchslim.errors import ConfigError
 from torchslim.pipeline.recipe_v1 import RecipeV1, StructuredPruneSectionV1
 
 _V1_SECTIONS = {"teacher", "student", "distill", "prune", "finetune", "evaluate", "export"}
@@ -44,16 +40,9 @@ def is_v1(doc: dict[str, Any]) -> bool:
 
 
 def _validate_v1(doc: dict[str, Any], source: str) -> RecipeV1:
-    doc = {k: v for k, v in doc.items() if k != "version"}
-    token = _NESTING.set(1)
-    try:
-        return RecipeV1.model_validate(doc)
-    except pydantic.ValidationError as exc:
-        raise ConfigError(f"{source}: invalid recipe:\n{format_validation_error(exc)}") from None
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: invalid recipe: {exc}") from None
-    finally:
-        _NESTING.reset(token)
+    from torchslim.pipeline.recipe import validate_document  # noqa: PLC0415 (recipe imports this module)
+
+    return validate_document(RecipeV1, {k: v for k, v in doc.items() if k != "version"}, source)
 
 
 def _model(ref: Any, base_dir: Path | None) -> dict[str, Any]:

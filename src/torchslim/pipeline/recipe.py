@@ -196,9 +196,14 @@ def parse_recipe(doc: Any, source: str = "recipe", base_dir: Path | None = None)
         doc = migrate_v1(doc, source, base_dir)
     elif base_dir is not None:
         doc = _absolute(doc, base_dir)
+    return validate_document(Recipe, doc, source)
+
+
+def validate_document(cls: type[Config], doc: dict[str, Any], source: str) -> Any:
+    """``cls.model_validate(doc)``, its errors as one :class:`ConfigError` naming every key path (bounded)."""
     token = _NESTING.set(1)  # nested: pydantic's error (with full key paths) reaches us here
     try:
-        return Recipe.model_validate(doc)
+        return cls.model_validate(doc)
     except pydantic.ValidationError as exc:
         raise ConfigError(f"{source}: invalid recipe:\n{_short(format_validation_error(exc))}") from None
     except ConfigError as exc:

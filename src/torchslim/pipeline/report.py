@@ -11,23 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from torchslim.atomic import atomic_write_text, atomic_write_with
+from torchslim.pipeline.formatting import human_bytes, human_count
 from torchslim.pipeline.rundir import RunDir
-
-
-def _human(n: float) -> str:
-    for suffix in ("", "k", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{suffix}" if suffix else f"{n:.0f}"
-        n /= 1000
-    return f"{n:.3g}P"
-
-
-def _bytes(n: int) -> str:
-    for suffix in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or suffix == "GiB":
-            return f"{n:.0f} {suffix}" if suffix == "B" else f"{n:.1f} {suffix}"
-        n /= 1024
-    return str(n)
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
@@ -38,7 +23,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lat = r.get("latency_ms", {})
         cells = [r["model"], f"{100 * r['accuracy']:.2f}%", f"{r['params']:,}", f"{r['nonzero']:,}",
-                 _human(r["macs"]), _bytes(r["file_bytes"]) if r.get("file_bytes") is not None else "-"]
+                 human_count(r["macs"]), human_bytes(r["file_bytes"]) if r.get("file_bytes") is not None else "-"]
         cells += [f"{lat[str(b)]:.3f}" if str(b) in lat else "-" for b in sizes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -9,16 +9,9 @@ import torch.nn as nn
 from pydantic import Field
 
 from torchslim import export as ts_export
+from torchslim.pipeline.formatting import human_bytes
 from torchslim.pipeline.stages.base import Stage, StageConfig, StageResult, register_stage
 from torchslim.prune import finalize_
-
-
-def _bytes(n: int) -> str:
-    for suffix in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or suffix == "GiB":
-            return f"{n:.0f} {suffix}" if suffix == "B" else f"{n:.1f} {suffix}"
-        n /= 1024
-    return str(n)
 
 
 class ExportStage(StageConfig):
@@ -69,7 +62,7 @@ class Export(Stage):
                 records: list[dict[str, Any]]) -> list[str]:
         if not report:
             return []
-        out = ["## Export", "", f"`model.slim`: {_bytes(report['model_slim_bytes'])}."]
+        out = ["## Export", "", f"`model.slim`: {human_bytes(report['model_slim_bytes'])}."]
         if "onnx" in report:
             out.append(f"`model.onnx` (opset {report['onnx'].get('opset')}): largest absolute difference between "
                        f"onnxruntime and PyTorch outputs {report['onnx']['max_abs_diff']:.2e}.")

@@ -15,17 +15,10 @@ import torch.nn as nn
 from pydantic import Field, model_validator
 
 from torchslim.distill import DistillConfig, check_distill_layers
+from torchslim.pipeline.formatting import human_count
 from torchslim.pipeline.stages.base import Stage, StageConfig, StageResult, register_stage
 from torchslim.prune.structured import ChannelPruning, build_dependency_graph, prune_channels
 from torchslim.train import TrainConfig
-
-
-def _human(n: float) -> str:
-    for suffix in ("", "k", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{suffix}"
-        n /= 1000
-    return f"{n:.3g}P"
 
 
 class PruneChannelsStage(StageConfig):
@@ -105,7 +98,7 @@ class PruneChannels(Stage):
             line += f", {report['between_steps_epochs']} fine-tuning epochs between steps"
         out = [f"## Structured pruning: `{stage_id}`", "", line + "."]
         if rep:
-            out.append(f"MACs {_human(rep['macs_before'])} → {_human(rep['macs_after'])} "
+            out.append(f"MACs {human_count(rep['macs_before'])} → {human_count(rep['macs_after'])} "
                        f"({rep['macs_before'] / max(rep['macs_after'], 1):.2f}× fewer), parameters "
                        f"{rep['params_before']:,} → {rep['params_after']:,} "
                        f"({rep['params_before'] / max(rep['params_after'], 1):.2f}× fewer)"
@@ -122,7 +115,7 @@ class PruneChannels(Stage):
             out += ["", "| step | MACs | params | channels removed |", "|---:|---:|---:|---|"]
             for st in rep["steps"]:
                 removed = ", ".join(f"{k}: {v}" for k, v in st["removed"].items() if v) or "none"
-                out.append(f"| {st['step']} | {_human(st['macs'])} | {st['params']:,} | {removed} |")
+                out.append(f"| {st['step']} | {human_count(st['macs'])} | {st['params']:,} | {removed} |")
         return out + [""]
 
 
@@ -131,7 +124,7 @@ def _comparison(ref: dict[str, Any], pruned: dict[str, Any]) -> list[str]:
     out = ["", f"| measure | `{ref['key']}` | `{pruned['key']}` | ratio |", "|---|---:|---:|---:|",
            f"| accuracy | {100 * ref['accuracy']:.2f}% | {100 * pruned['accuracy']:.2f}% | "
            f"{100 * (pruned['accuracy'] - ref['accuracy']):+.2f} points |",
-           f"| MACs | {_human(ref['macs'])} | {_human(pruned['macs'])} | {macs_ratio:.3f} |",
+           f"| MACs | {human_count(ref['macs'])} | {human_count(pruned['macs'])} | {macs_ratio:.3f} |",
            f"| params | {ref['params']:,} | {pruned['params']:,} | {pruned['params'] / max(ref['params'], 1):.3f} |",
            f"| bytes on disk | {ref['file_bytes']:,} | {pruned['file_bytes']:,} | "
            f"{pruned['file_bytes'] / max(ref['file_bytes'], 1):.3f} |"]
