@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save as st_save
@@ -233,9 +233,6 @@ def test_damaged_checkpoint_bytes_raise_only_torchslim_errors(data, checkpoint_f
 def test_hostile_checkpoint_payloads_raise_only_torchslim_errors(data, checkpoint_file, tmp_path):
     if data.draw(st.booleans()):
         obj = data.draw(checkpoint_objects)
-        # A non-dict "signature" is the known bug of test_signed_checkpoint_with_a_non_dict_signature
-        # (xfail): skipped here so that this test keeps looking for others. Drop this when it is fixed.
-        assume(not (isinstance(obj, dict) and "signature" in obj and not isinstance(obj["signature"], dict)))
         payload = _torch_bytes(obj)  # another object, correctly signed
     else:
         payload = data.draw(byte_mutations(checkpoint_file[checkpoint_file.index(b"\n", len(_MAGIC)) + 1:]))
@@ -245,9 +242,6 @@ def test_hostile_checkpoint_payloads_raise_only_torchslim_errors(data, checkpoin
     _expect_torchslim_error(lambda: load_checkpoint(path))
 
 
-@pytest.mark.xfail(strict=True, reason="train/checkpoint.py load_checkpoint calls .items() on the file's "
-                   "'signature' when it differs from the model's: a signed checkpoint whose signature is a "
-                   "list or string raises AttributeError")
 @pytest.mark.parametrize("signature", [[1], "abc"])
 def test_signed_checkpoint_with_a_non_dict_signature(signature, tmp_path):
     path = tmp_path / "c.pt"

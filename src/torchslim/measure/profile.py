@@ -214,4 +214,11 @@ def profile_file(
                         "(on the command line: torchslim profile MODEL --factory {target})")
     model = load(path, factory=factory, dtype=torch.float32, factory_hint=factory_hint)
     example = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as exc:  # the header's input shape does not fit the model: say which, in one line
+        raise ModelError(f"{path}: the model rejects its stored input_shape {list(input_shape)}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; re-save it with "
+                         "save(..., input_shape=[C, H, W]) matching the model") from None
     return profile(model, example, batch_sizes=batch_sizes, file_bytes=os.path.getsize(path), latency=latency)

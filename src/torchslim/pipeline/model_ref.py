@@ -119,6 +119,9 @@ def _load_weights(ref: ModelRef, splits: Any) -> nn.Module:
         return model
     from safetensors.torch import load_file  # noqa: PLC0415
 
+    from torchslim.export.slim import _sniff  # noqa: PLC0415 (one check of "is this safetensors at all")
+
+    _sniff(path)  # a .pt file is "not a safetensors file", not "header too large"
     model = build_model(ref.model_copy(update={"weights": None}), splits)  # trust was checked by the caller
     try:
         model.load_state_dict(load_file(str(path)))

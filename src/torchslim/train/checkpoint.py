@@ -125,7 +125,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = Non
         expected = model_signature(model)
         found = state.get("signature")
         if found != expected:
-            diff = sorted(set(map(str, expected.items())) ^ set(map(str, (found or {}).items())))[:4]
+            found_items = found.items() if isinstance(found, dict) else [("signature", repr(found)[:40])]
+            diff = sorted(set(map(str, expected.items())) ^ set(map(str, found_items)))[:4]
             raise TrainingError(
                 f"checkpoint {path} was written for another model (state names/shapes differ, e.g. {diff}); "
                 "resume with the recipe that wrote it, or delete the checkpoint to restart the stage"
