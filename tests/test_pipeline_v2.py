@@ -276,3 +276,8 @@ def test_recipe_loggers_write_per_step_records_and_tensorboard_events(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     expected = [r["val_accuracy"] for r in records if r.get("stage") == "trained" and "epoch" in r]
     assert logged == pytest.approx(expected, abs=1e-6) and len(logged) == 2
+
+
+def test_validate_catches_preset_arguments_that_do_not_exist():
+    with pytest.raises(ts.ConfigError, match=r"preset 'lenet300_100' has no argument\(s\) \['hidden9'\]"):
+        parse_recipe({"version": 2, "models": {"m": {"preset": "lenet300_100", "args": {"hidden9": 3}}}})

@@ -52,6 +52,11 @@ class ModelRef(Config):
             known = [p.name for p in ts_models.list_presets()]
             if self.preset not in known:
                 raise ValueError(f"unknown model preset {self.preset!r}; known: {', '.join(sorted(known))}")
+            params = inspect.signature(ts_models.registry.get_preset(self.preset).builder).parameters
+            unknown = sorted(set(self.args) - set(params))
+            if unknown:  # caught when the recipe is read, not when the model is built
+                raise ValueError(f"preset {self.preset!r} has no argument(s) {unknown}; its arguments: "
+                                 f"{', '.join(params)}")
         return self
 
     @property
