@@ -87,6 +87,8 @@ BITMASK_SUFFIX = "::bitmask"
 #: Largest ``input_shape`` (elements of one sample) a file may declare; ``profile``
 #: allocates an input of that size, so a file must not be able to ask for more.
 MAX_INPUT_ELEMENTS = 10**8
+#: First bytes of the packed form (:func:`torchslim.quant.pack.pack`), which load and read_metadata also read.
+PACKED_MAGIC = b"TSLIMPK1"
 # Rough cost of one extra safetensors entry plus its JSON description, in bytes:
 # the sparse form must beat the dense one by more than this to be chosen.
 _ENTRY_OVERHEAD = 96
@@ -437,6 +439,23 @@ def _sniff(path: Path) -> None:
     raise ExportError(f"{path}: not a safetensors/.slim file ({kind}){advice}")
 
 
+def _packed_reader(path: str | os.PathLike) -> Callable[[Path], Any] | None:
+    """The packed form's reader when ``path`` starts with :data:`PACKED_MAGIC`, else None.
+
+    Imported only then: the packed form (:mod:`torchslim.quant.pack`) is written by
+    ``quant``, and plain files must load without it.
+    """
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(len(PACKED_MAGIC)) != PACKED_MAGIC:
+                return None
+    except OSError:
+        return None  # _open says what is wrong with a missing file or a directory
+    from torchslim.quant.pack import read_packed  # noqa: PLC0415
+
+    return read_packed
+
+
 def _open(path: str | os.PathLike):
     from safetensors import safe_open
 
@@ -482,6 +501,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         from torchslim.export.onnx_export import read_onnx_metadata
 
         return read_onnx_metadata(path)
+    packed = _packed_reader(path)
+    if packed is not None:
+        return packed(Path(path))[0]
     path, handle = _open(path)
     try:
         with handle as f:
@@ -750,11 +772,17 @@ def load(
         raise ExportError("pass factory= or model= to load(), not both")
     if model is not None and not isinstance(model, nn.Module):
         raise ExportError(f"model= must be a torch.nn.Module instance, got {type(model).__name__}")
-    path, handle = _open(path)
+    packed = _packed_reader(path)
+    if packed is not None:
+        path, handle = Path(path), contextlib.nullcontext()
+        header, decode = packed(path)
+    else:
+        path, handle = _open(path)
     try:
         with handle as f:
-            header = _parse_header(path, f.metadata())
-            _check_stored(path, header, f)
+            if packed is None:
+                header = _parse_header(path, f.metadata())
+                _check_stored(path, header, f)
             log = header["transforms"]
             # Shapes first, on a model that holds no memory: a header may declare anything.
             if model is None:
@@ -768,7 +796,7 @@ def load(
                 where += " and its transform log"
             _check_fits(path, probe, header, where)
             del probe
-            tensors, positions = _decode_all(path, header, f)
+            tensors, positions = decode() if packed is not None else _decode_all(path, header, f)
     except ExportError:
         raise
     except Exception as exc:  # safetensors' own errors while reading tensor data

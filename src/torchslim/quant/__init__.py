@@ -26,7 +26,21 @@ from torchslim.quant.int8 import (
     resolved_types,
 )
 
-# weight sharing and packing: see sharing.py, pack.py (their imports go here)
+# weight sharing and packing (Deep Compression): sharing.py, huffman.py, pack.py
+from torchslim.quant.pack import LayerPack, PackConfig, PackReport, pack, read_packed
+from torchslim.quant.sharing import (
+    LayerCodebook,
+    WeightSharing,
+    check_sharing,
+    codebooks,
+    finalize_sharing_,
+    is_shared,
+    kmeans_1d,
+    share_weights_,
+    shared_layers,
+    sharing_layers,
+    sharing_summary,
+)
 
 __all__ = [
     "Int8Config",
@@ -37,4 +51,8 @@ __all__ = [
     "quantizable_layers",
     "quantize",
     "resolved_types",
+    # weight sharing and packing
+    "LayerCodebook", "LayerPack", "PackConfig", "PackReport", "WeightSharing", "check_sharing", "codebooks",
+    "finalize_sharing_", "is_shared", "kmeans_1d", "pack", "read_packed", "share_weights_", "shared_layers",
+    "sharing_layers", "sharing_summary",
 ]
