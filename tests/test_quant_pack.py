@@ -196,3 +196,34 @@ def test_inputs_emptied_by_pruning_are_scanned_input_major(tmp_path):
     header, _ = read_packed(tmp_path / "m.slim")
     assert header["tensors"]["classifier.0.weight"]["order"] == "columns"
     assert _equal_bits(model, ts.load(tmp_path / "m.slim"))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["tensors"]["classifier.0.weight"].update(shape=[10**9, 10**9]),
+    lambda h: h["tensors"]["classifier.0.weight"].update(kept=10**6),
+    lambda h: h["tensors"]["classifier.0.weight"].update(positions="runs"),
+    lambda h: h["tensors"]["classifier.0.weight"].update(index_bits=40),
+    lambda h: h["tensors"]["classifier.0.weight"].update(k=0),
+    lambda h: h["tensors"]["classifier.0.weight"]["bytes"].append(0),
+    lambda h: h.update(codec="gzip"),
+    lambda h: h.update(transforms=[{"type": "no_such_transform"}]),
+])
+def test_a_well_checksummed_but_malformed_header_is_an_export_error(tmp_path, edit):
+    import hashlib
+    import json
+    import struct
+    import zlib
+
+    from torchslim.export.slim import PACKED_MAGIC
+
+    path = tmp_path / "m.slim"
+    pack(_shared(), path)
+    data = path.read_bytes()[:-32]
+    (n,) = struct.unpack_from("<I", data, 8)
+    header = json.loads(zlib.decompress(data[12:12 + n]))
+    edit(header)
+    head = zlib.compress(json.dumps(header).encode())
+    body = PACKED_MAGIC + struct.pack("<I", len(head)) + head + data[12 + n:]
+    path.write_bytes(body + hashlib.sha256(body).digest())  # damage that a checksum cannot see
+    with pytest.raises(ts.ExportError):
+        ts.load(path)

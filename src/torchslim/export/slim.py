@@ -48,6 +48,12 @@ version 3, the rest of the header (spec, input_shape, normalization, transforms,
 metadata) as canonical JSON, so a damaged file is refused on load instead of
 silently giving a different model. (It detects damage; it is not a signature.)
 
+A *packed* file (:func:`torchslim.quant.pack.pack`: Deep Compression's codebooks,
+codes and relative indices, entropy coded) starts with :data:`PACKED_MAGIC`
+instead; :func:`load` and :func:`read_metadata` hand it to
+:func:`torchslim.quant.pack.read_packed` (imported only then) and treat what it
+decodes as they treat a plain file's tensors.
+
 Loading a file never trusts its sizes: the architecture is first built on the
 ``meta`` device (no memory), the log replayed there, and every parameter and
 buffer shape compared with the stored tensor shapes read from the safetensors
