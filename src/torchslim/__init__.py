@@ -1,6 +1,7 @@
 """torchslim: make trained PyTorch models smaller and faster.
 
-Knowledge distillation and pruning, alone or chained, measured and exported::
+Knowledge distillation, pruning, int8 quantization and weight sharing, alone or chained,
+measured and exported::
 
     import torchslim as ts
     teacher = ts.models.create("fmnist_teacher")
@@ -13,7 +14,7 @@ Knowledge distillation and pruning, alone or chained, measured and exported::
 
 # ``distill`` is the package torchslim.distill, which is callable: ts.distill(...) is the
 # verb and ``import torchslim.distill`` the package, whatever the import order (see its docstring).
-from torchslim import data, distill, export, measure, models, pipeline, prune, train  # noqa: F401
+from torchslim import data, distill, export, measure, models, pipeline, prune, quant, train  # noqa: F401
 from torchslim.config import Config, config_from_dict
 from torchslim.distill import AttentionConfig, DistillConfig, DKDConfig, HintConfig, KDConfig, derive_student
 from torchslim.errors import ConfigError, DataError, ExportError, ModelError, TorchSlimError, TrainingError
@@ -22,15 +23,17 @@ from torchslim.measure import profile
 from torchslim.pipeline import Recipe, load_recipe, resume_run, run_recipe
 from torchslim.prune import MagnitudePruning, UnstructuredPruning, finalize_, prune_
 from torchslim.prune.structured import ChannelPruning, prune_channels
+from torchslim.quant import Int8Config, PackConfig, WeightSharing, pack, quantize, share_weights_
 from torchslim.train import LoggerConfig, TrainConfig, evaluate, fit, make_logger
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionConfig", "ChannelPruning", "Config", "ConfigError", "DKDConfig", "DataError", "DistillConfig",
-    "ExportError", "HintConfig", "KDConfig", "MagnitudePruning", "ModelError", "Recipe", "TorchSlimError",
+    "ExportError", "HintConfig", "Int8Config", "KDConfig", "MagnitudePruning", "ModelError", "Recipe", "TorchSlimError",
     "TrainConfig", "TrainingError", "UnstructuredPruning", "config_from_dict", "data", "derive_student", "distill",
     "evaluate",
     "export", "export_onnx", "finalize_", "fit", "load", "load_recipe", "make_logger", "measure", "models", "pipeline",
-    "profile", "prune", "prune_", "prune_channels", "resume_run", "run_recipe", "save", "train",
+    "PackConfig", "WeightSharing", "pack", "profile", "prune", "prune_", "prune_channels", "quant", "quantize",
+    "resume_run", "run_recipe", "save", "share_weights_", "train",
 ]
