@@ -182,6 +182,77 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _times(text: str) -> float:
+    """``0.25x`` or ``0.25``: a fraction of the dense model's cost, in (0, 1]."""
+    try:
+        value = float(text.strip().lower().removesuffix("x"))
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the dense model like 0.25x, got {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    """``50KB``, ``1.5MB``, ``20000``: bytes (KB = 1000 bytes, KiB = 1024)."""
+    units = {"kib": 1024, "mib": 1024 ** 2, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "b": 1}
+    t = text.strip().lower()
+    scale = next((v for k, v in units.items() if t.endswith(k)), 1)
+    t = next((t[: -len(k)] for k in units if t.endswith(k)), t)
+    try:
+        value = int(float(t) * scale)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 50KB, got {text!r}")
+    return value
+
+
+def _keep_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated kept fractions in (0, 1], got {text!r}")
+    return values
+
+
+def _cmd_auto(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    import torchslim.search as search
+    from torchslim.data import load_dataset
+    from torchslim.export import load
+    from torchslim.train import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = {"max_drop": args.max_drop, "latency": args.latency, "size_bytes": args.size, "macs": args.macs}
+    budget = search.Budget(**{k: v for k, v in given.items() if v is not None}, batch=args.batch,
+                           runtime=args.runtime, threads=args.threads or 1, latency_budget_s=args.latency_budget)
+    space = search.SearchSpace(keep=args.keep, round_to=args.round_to, max_candidates=args.max_candidates,
+                               exclude=args.exclude)
+    model = load(args.model, factory=args.factory).cpu().eval()
+    val = {"val_size": args.val_size} if args.val_size else {"val_fraction": 0.1}
+    data = {"dataset": args.data, **val, **({"root": args.root} if args.root else {}),
+            **({"train_limit": args.train_limit} if args.train_limit else {}),
+            **({"test_limit": args.test_limit} if args.test_limit else {})}
+    splits = load_dataset(args.data, root=args.root, val_size=args.val_size or 0.1, train_limit=args.train_limit,
+                          test_limit=args.test_limit, seed=args.seed)
+    out = Path(args.out) if args.out else Path("runs") / f"auto-{time.strftime('%Y%m%d-%H%M%S')}"
+    finetune = TrainConfig(epochs=args.finetune_epochs) if args.finetune_epochs else None
+    print(f"searching {args.model}: {budget.describe()}; results in {out}")
+    result = search.search(model, splits.train, splits.val, budget, space, finetune=finetune, test=splits.test,
+                           out=out, recipe_data=data, seed=args.seed, progress=print)
+    print(result.summary())
+    print(f"{len(result.points)} points measured, {len(result.front)} on the front, in {result.seconds:.0f}s; "
+          f"reproduce with: torchslim run {out / 'recipe.yaml'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchslim", description="Make PyTorch models smaller and faster: "
                                      "knowledge distillation and pruning, measured and exported.")
@@ -251,6 +322,33 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--test-limit", type=int, help="evaluate on the first N test samples")
     quant.add_argument("--factory", help="trust the user model factory the file names (module:function)")
     quant.set_defaults(func=_cmd_quantize)
+
+    auto = sub.add_parser("auto", help="search per-layer channel widths under a budget; the measured Pareto front")
+    auto.add_argument("model", help=".slim file (the dense, trained model)")
+    auto.add_argument("--data", required=True, choices=["fashion-mnist", "mnist", "digits"])
+    auto.add_argument("--root", help="folder holding the dataset's IDX files")
+    goal = auto.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--max-drop", type=float, help="largest accuracy drop in points; latency minimised")
+    goal.add_argument("--latency", type=_times, help="largest latency, as a fraction of the dense model's (0.25x)")
+    goal.add_argument("--size", type=_size, help="largest fp32 ONNX size (50KB, 1.5MB)")
+    goal.add_argument("--macs", type=_times, help="largest MACs, as a fraction of the dense model's (0.3x)")
+    auto.add_argument("--batch", type=_batch_size, default=256, help="batch size latency is measured at (256)")
+    auto.add_argument("--runtime", choices=["ort", "torch"], default="ort", help="where latency is measured")
+    auto.add_argument("--threads", type=int, help="threads of torch and of every timed run (default 1 when timing)")
+    auto.add_argument("--keep", type=_keep_list, default=[1.0, 0.75, 0.5, 0.375, 0.25],
+                      help="kept fractions per group (default 1,0.75,0.5,0.375,0.25)")
+    auto.add_argument("--round-to", type=int, default=1, help="kept channel counts are multiples of this")
+    auto.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="groups never cut (names or re:)")
+    auto.add_argument("--max-candidates", type=int, default=12, help="plans of the sweep built and measured")
+    auto.add_argument("--latency-budget", type=float, default=0.5, help="seconds of timing per measurement")
+    auto.add_argument("--finetune-epochs", type=int, default=1, help="KD fine-tune of the chosen plan (0: none)")
+    auto.add_argument("--val-size", type=int, help="validation samples (default 10%% of the training set)")
+    auto.add_argument("--train-limit", type=int, help="keep only this many training samples")
+    auto.add_argument("--test-limit", type=int, help="keep only this many test samples")
+    auto.add_argument("--seed", type=int, default=0)
+    auto.add_argument("--out", help="folder for pareto.json/png, model.slim/onnx, recipe.yaml (default runs/auto-*)")
+    auto.add_argument("--factory", help="trust the user model factory the file names (module:function)")
+    auto.set_defaults(func=_cmd_auto)
     return parser
 
 

@@ -1,0 +1,373 @@
+"""``search``: find a per-group channel plan under a budget and return the measured Pareto front.
+
+The loop (NetAdapt's tables, a Lagrangian allocation, every reported point measured):
+
+1. sensitivity: each coupled group cut alone to each allowed width, BatchNorm
+   re-estimated, scored on a validation subset; its latency change timed end to end;
+2. allocation: a Lagrangian sweep over the additive predictions gives a whole set of
+   plans in one pass (:mod:`~torchslim.search.allocate`);
+3. measurement: every plan is built, BatchNorm re-estimated, exported, timed end to end in
+   the budget's runtime (alternating with the dense model) and scored on the whole
+   validation split; only those measurements make the front;
+4. choice: the best point the budget allows gets a short KD fine-tune from the dense model,
+   exactly as the emitted recipe's ``finetune`` stage does it, and is scored once on test.
+
+Extension points for the axes not searched yet (unstructured sparsity, int8, weight-sharing
+bits): a new list of choices per group in :class:`~torchslim.search.SearchSpace`, a table per
+axis in :mod:`~torchslim.search.sensitivity`, the per-group choice in
+:func:`~torchslim.search.allocate.lagrangian_plans` taken over the product of the axes, and a
+stage per axis in :func:`recipe_document`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+import yaml
+
+from torchslim.errors import ConfigError, TorchSlimError
+from torchslim.search.allocate import lagrangian_plans, pick_spread
+from torchslim.search.budget import Budget, SearchSpace
+from torchslim.search.front import Point, pareto_front, plot_front, write_json
+from torchslim.search.sensitivity import Measurer, Tables, accuracy, build_tables
+from torchslim.search.space import GroupChoice, channel_groups, dense_plan, plan_config, plan_key, uniform_plan
+
+#: Stage ids of the emitted recipe; the fine-tune seed is derived from ``FINETUNE_ID`` as the pipeline does.
+PRUNE_ID, FINETUNE_ID = "pruned", "finetuned"
+
+
+class InfeasibleBudget(TorchSlimError):
+    """No measured point meets the budget; ``.front`` holds the measured front, ``.nearest`` the closest points."""
+
+    def __init__(self, message: str, front: list[Point], nearest: list[Point]):
+        super().__init__(message)
+        self.front, self.nearest = front, nearest
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` returns.
+
+    Attributes:
+        front: the Pareto front of the measured points (fastest first).
+        points: every measured point (dense, sweep, uniform baselines).
+        chosen: the front point the budget picked (before fine-tuning).
+        best: the chosen model, fine-tuned (a new ``nn.Module``).
+        dense: the dense model's point.
+        metrics: of ``best``: ``val_accuracy``, ``test_accuracy`` (None without ``test``), ``val_drop``.
+        tables: the per-group sensitivity and latency tables.
+        prediction_error: how far the tables' additive predictions were from end-to-end measurements.
+        groups: the searched groups.
+        recipe: the v2 recipe document that reproduces ``best`` (None without ``recipe_data``).
+        seconds: wall time of the search.
+    """
+
+    front: list[Point]
+    points: list[Point]
+    chosen: Point
+    best: nn.Module
+    dense: Point
+    metrics: dict[str, Any]
+    tables: Tables
+    prediction_error: dict[str, float]
+    groups: list[GroupChoice]
+    recipe: dict[str, Any] | None = None
+    seconds: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A table of the front, the chosen point marked, and the chosen model's final figures."""
+        lines = ["| | source | val acc | drop | latency p50 (ms) | p90 | x dense | MACs | bytes |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in [self.dense, *[q for q in self.front if q is not self.dense]]:
+            mark = "*" if p is self.chosen else ""
+            lines.append(f"| {mark} | {p.source} | {100 * p.accuracy:.2f} | {p.drop:+.2f} | {p.latency_p50_ms:.2f} | "
+                         f"{p.latency_p90_ms:.2f} | {p.latency_ratio:.3f} | {p.macs:,} | {p.bytes:,} |")
+        m = self.metrics
+        test = f", test {100 * m['test_accuracy']:.2f}%" if m.get("test_accuracy") is not None else ""
+        lines.append(f"chosen plan after fine-tuning: val {100 * m['val_accuracy']:.2f}% "
+                     f"({m['val_drop']:+.2f} points vs dense){test}; latency {self.chosen.latency_ratio:.3f}x dense")
+        e = self.prediction_error
+        lines.append(f"latency table vs end-to-end: mean |error| {100 * e['latency_mean_abs']:.1f}% of dense "
+                     f"latency (max {100 * e['latency_max_abs']:.1f}%); drop prediction mean |error| "
+                     f"{e['drop_mean_abs']:.2f} points")
+        return "\n".join(lines)
+
+
+def finetune_seed(recipe_seed: int, stage_id: str = FINETUNE_ID) -> int:
+    """The seed the pipeline gives a stage (``RunContext.seed``): the search fine-tunes with it so
+    the emitted recipe retraces the same batches."""
+    digest = hashlib.sha256(f"{recipe_seed}:{stage_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def kd_finetune_(model: nn.Module, teacher: nn.Module, train: Any, val: Any, config: Any, *, seed: int,
+                 kd: Any = None) -> list[dict[str, Any]]:
+    """KD fine-tune in place, as the pipeline's ``finetune`` stage with ``teacher`` does (same loss, cache, seed use)."""
+    from torchslim.distill import DistillConfig, DistillObjective, prepare_teacher_cache
+    from torchslim.train import fit
+
+    kd = kd if kd is not None else DistillConfig()
+    teacher = copy.deepcopy(teacher).eval()
+    cache = prepare_teacher_cache(teacher, train, kd, config)
+    with DistillObjective(model, teacher, kd, example=train.x[:2], teacher_cache=cache,
+                          label_smoothing=config.label_smoothing) as loss:
+        return fit(model, train, config, objective=loss, val=val, seed=seed, stage=FINETUNE_ID, progress=False)
+
+
+def _feasible(p: Point, budget: Budget, dense: Point) -> bool:
+    if budget.max_drop is not None:
+        return p.drop <= budget.max_drop + 1e-9
+    if budget.latency is not None:
+        return p.latency_ratio <= budget.latency
+    if budget.size_bytes is not None:
+        return p.bytes <= budget.size_bytes
+    return p.macs <= budget.macs * dense.macs
+
+
+def _violation(p: Point, budget: Budget, dense: Point) -> float:
+    """How far a point is outside the budget, relative to the bound (0 inside)."""
+    if budget.max_drop is not None:
+        return max(0.0, p.drop - budget.max_drop)
+    if budget.latency is not None:
+        return max(0.0, p.latency_ratio / budget.latency - 1)
+    if budget.size_bytes is not None:
+        return max(0.0, p.bytes / budget.size_bytes - 1)
+    return max(0.0, p.macs / (budget.macs * dense.macs) - 1)
+
+
+def choose(points: list[Point], budget: Budget, dense: Point) -> Point:
+    """The best feasible measured point: fastest within ``max_drop``, else most accurate within the bound.
+
+    Raises:
+        InfeasibleBudget: no point meets the budget; the message names the nearest ones.
+    """
+    ok = [p for p in points if _feasible(p, budget, dense)]
+    if ok:
+        if budget.max_drop is not None:
+            return min(ok, key=lambda p: (p.latency_ratio, -p.accuracy))
+        return max(ok, key=lambda p: (p.accuracy, -p.latency_ratio))
+    front = pareto_front(points)
+    nearest = sorted(front, key=lambda p: _violation(p, budget, dense))[:3]
+    rows = "; ".join(f"{100 * p.accuracy:.2f}% ({p.drop:+.2f} points) at {p.latency_ratio:.3f}x dense latency, "
+                     f"{p.bytes:,} bytes, {p.macs / max(dense.macs, 1):.3f}x MACs" for p in nearest)
+    raise InfeasibleBudget(f"no measured plan meets the budget ({budget.describe()}); the nearest points of the "
+                           f"front are: {rows}. Loosen the budget, or widen the space (smaller keep fractions).",
+                           front, nearest)
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in ("type", "version")}
+
+
+def recipe_document(model_ref: dict[str, Any], data: dict[str, Any], method: Any, finetune: Any, *,
+                    seed: int = 0, name: str = "auto", kd: Any = None) -> dict[str, Any]:
+    """The v2 recipe of a chosen plan: prune_channels (the plan's overrides) → KD finetune → evaluate → export."""
+    stages: list[dict[str, Any]] = [{"kind": "prune_channels", "id": PRUNE_ID, "input": "dense",
+                                     "label": "channels removed (searched plan)", "method": _plain(method)}]
+    if finetune is not None and finetune.epochs > 0:
+        stage = {"kind": "finetune", "id": FINETUNE_ID, "input": PRUNE_ID, "label": "searched plan, KD fine-tuned",
+                 "teacher": "dense", "train": _plain(finetune)}
+        if kd is not None:
+            stage["objective"] = _plain(kd)
+        stages.append(stage)
+    stages += [{"kind": "evaluate", "latency": True, "latency_batch_sizes": [1, 256]}, {"kind": "export", "onnx": True}]
+    return {"version": 2, "name": name, "seed": seed, "data": data, "models": {"dense": model_ref}, "stages": stages}
+
+
+def _model_ref(model: nn.Module, weights: str) -> dict[str, Any]:
+    spec = getattr(model, "torchslim_spec", None) or {}
+    if not (spec.get("preset") or spec.get("factory")):
+        raise ConfigError("the emitted recipe names the model by preset or factory: this model has no "
+                          "torchslim_spec (build it with ts.models.create or pass recipe_model=)")
+    ref = {k: spec[k] for k in ("preset", "factory", "args") if spec.get(k) is not None}
+    return {**ref, "weights": weights}
+
+
+def search(
+    model: nn.Module,
+    train: Any,
+    val: Any,
+    budget: Budget,
+    space: SearchSpace | None = None,
+    *,
+    finetune: Any = None,
+    test: Any = None,
+    kd: Any = None,
+    out: str | Path | None = None,
+    recipe_data: dict[str, Any] | None = None,
+    recipe_model: dict[str, Any] | None = None,
+    seed: int = 0,
+    uniform: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Search per-group channel widths of ``model`` under ``budget``; every reported point is measured.
+
+    Args:
+        model: a trained, torch.fx-traceable classifier (not changed).
+        train: training split (``x``, ``y``): BatchNorm re-estimation and the final fine-tune.
+        val: validation split: the sensitivity subset and every point's accuracy.
+        budget: what to achieve (:class:`Budget`).
+        space: what may change (:class:`SearchSpace`; default: keep 100/75/50/37.5/25% per group).
+        finetune: the chosen plan's KD fine-tune (a :class:`torchslim.TrainConfig`; None or 0
+            epochs: the point as measured, BatchNorm re-estimated).
+        test: test split: the chosen model is scored on it once.
+        kd: the fine-tune's :class:`torchslim.DistillConfig` (default ``DistillConfig()``).
+        out: a folder for ``pareto.json``, ``pareto.png``, ``model.slim``, ``model.onnx``,
+            ``dense.slim`` and ``recipe.yaml``.
+        recipe_data: the recipe's ``data`` section that gives back these splits (e.g.
+            ``{"dataset": "digits", "val_fraction": 0.1}``); without it no recipe is written.
+        recipe_model: the recipe's model entry (default: the model's preset and args, weights
+            ``dense.slim`` written beside the recipe).
+        seed: the recipe's seed (the fine-tune uses the seed the pipeline derives from it).
+        uniform: also measure the uniform plans (one keep fraction in every group), the baseline.
+        progress: called with one line per evaluated candidate (e.g. ``print``).
+
+    Returns:
+        A :class:`SearchResult` (``.front``, ``.best``, ``.chosen``, ``.summary()``).
+
+    Raises:
+        InfeasibleBudget: no measured point meets the budget (the files are still written).
+        ModelError: the model cannot be traced.
+
+    Example:
+        A few seconds on 2 cores (tests/test_search.py runs searches like it)::
+
+            import torchslim as ts
+            from torchslim.search import Budget, SearchSpace, search
+            splits = ts.data.load_dataset("digits")
+            model = ts.models.create("fmnist_teacher", input_size=8, width=8, fc=32)
+            space = SearchSpace(keep=[1.0, 0.5], exclude=["re:features.*"], bn_batches=1, max_candidates=1)
+            r = search(model, splits.train, splits.val, Budget(latency=1.0, batch=16), space, uniform=False)
+            assert r.chosen.latency_ratio <= 1.0 and [g.label for g in r.groups] == ["classifier.0"]
+    """
+    start = time.time()
+    space = space or SearchSpace()
+    say = progress or (lambda s: None)
+    groups = channel_groups(model, train.x[:1], space)
+    if not groups:
+        raise ConfigError("no channel group of this model can be searched (all excluded, frozen or too small)")
+    m = Measurer(copy.deepcopy(model).eval(), groups, space, budget, train.x)
+
+    def measure(plan: dict[str, int], source: str, tables: Tables | None) -> Point:
+        built = m.dense if source == "dense" else m.build(plan)
+        acc = accuracy(built, val.x, val.y)
+        lat = m.latency(built)
+        pred = tables.predict(plan) if tables is not None and source != "dense" else (None, None)
+        return Point(dict(plan), source, acc, 100 * (dense_acc - acc), lat["p50_ms"], lat["p90_ms"],
+                     1.0 if source == "dense" else lat["ratio"], lat["bytes"], m.macs(built), pred[0], pred[1],
+                     budget.batch, budget.runtime)
+
+    dense_acc = accuracy(m.dense, val.x, val.y)
+    dense = measure(dense_plan(groups), "dense", None)
+    say(f"dense: val {100 * dense_acc:.2f}%, {dense.latency_p50_ms:.2f} ms at batch {budget.batch} "
+        f"({budget.runtime}, {budget.threads} thread(s)); {len(groups)} groups: "
+        + ", ".join(f"{g.label} {g.keeps}" for g in groups))
+    n = min(space.sensitivity_samples, len(val.y))
+    tables = build_tables(m, val.x[:n], val.y[:n], say)
+    dense_key = plan_key(dense_plan(groups))
+    plans = [p for p in lagrangian_plans(groups, tables, space.lambdas) if plan_key(p) != dense_key]
+    todo = [(p, "sweep") for p in pick_spread(plans, tables, space.max_candidates)]
+    if uniform:
+        seen = {plan_key(p) for p, _ in todo}
+        for f in sorted(set(space.keep), reverse=True):
+            u = uniform_plan(groups, f, space.round_to)
+            if f < 1 and plan_key(u) != dense_key:
+                todo.append((u, "uniform"))  # measured even when the sweep chose it too: the baseline curve
+                seen.add(plan_key(u))
+    points = [dense]
+    for i, (plan, source) in enumerate(todo, 1):
+        p = measure(plan, source, tables)
+        points.append(p)
+        ok = [q for q in points if _feasible(q, budget, dense)]
+        best = (min(ok, key=lambda q: q.latency_ratio) if budget.max_drop is not None
+                else max(ok, key=lambda q: q.accuracy)) if ok else None
+        say(f"[{i}/{len(todo)}] {source:7s} val {100 * p.accuracy:6.2f}% ({p.drop:+.2f} pts, predicted "
+            f"{p.predicted_drop:+.2f}) latency {p.latency_ratio:.3f}x (predicted {p.predicted_latency:.3f}x) "
+            f"{p.latency_p50_ms:.2f} ms | best feasible: "
+            + (f"{100 * best.accuracy:.2f}% at {best.latency_ratio:.3f}x" if best else "none yet")
+            + f" | {time.time() - start:.0f}s")
+    swept = [p for p in points if p.source != "dense"]
+    lat_err = [abs(p.predicted_latency - p.latency_ratio) for p in swept]
+    drop_err = [abs(p.predicted_drop - p.drop) for p in swept]
+    error = {"latency_mean_abs": sum(lat_err) / max(len(lat_err), 1), "latency_max_abs": max(lat_err, default=0.0),
+             "drop_mean_abs": sum(drop_err) / max(len(drop_err), 1), "points": len(swept)}
+    front = pareto_front(points)
+    payload: dict[str, Any] = {"budget": budget.to_dict(), "space": space.to_dict(), "dense": dense.to_dict(),
+                               "groups": [g.__dict__ for g in groups], "tables": tables.to_dict(),
+                               "prediction_error": error, "points": [p.to_dict() for p in points],
+                               "front": [p.to_dict() for p in front]}
+    folder = Path(out) if out is not None else None
+    try:
+        chosen = choose(front, budget, dense)
+    except InfeasibleBudget as exc:
+        if folder is not None:
+            write_json(folder / "pareto.json", {**payload, "chosen": None, "infeasible": str(exc)})
+            plot_front(folder / "pareto.png", points, front, None, budget.describe())
+        raise
+    best_model, metrics = _finish(m, chosen, train, val, test, finetune, kd, seed, dense_acc)
+    recipe = None
+    files: dict[str, str] = {}
+    if folder is not None:
+        files = _write(folder, m, model, best_model, chosen, points, front, payload, metrics, budget, space,
+                       finetune, kd, seed, recipe_data, recipe_model, groups)
+        recipe = files.pop("_recipe", None)  # type: ignore[assignment]
+    elif recipe_data is not None:
+        recipe = recipe_document(recipe_model or _model_ref(model, "dense.slim"), recipe_data,
+                                 plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd)
+    return SearchResult(front, points, chosen, best_model, dense, metrics, tables, error, groups,
+                        recipe, time.time() - start, files)
+
+
+def _finish(m: Measurer, chosen: Point, train: Any, val: Any, test: Any, finetune: Any, kd: Any, seed: int,
+            dense_acc: float) -> tuple[nn.Module, dict[str, Any]]:
+    """The chosen model: as the recipe builds it (cut, then KD fine-tune), scored on val and once on test."""
+    if chosen.source == "dense":
+        model = copy.deepcopy(m.dense)
+    elif finetune is not None and finetune.epochs > 0:
+        # No BatchNorm re-estimation here: the recipe's prune_channels stage has none, and the
+        # fine-tune's training passes re-estimate the statistics anyway.
+        model = m.build(chosen.plan, recalibrate=False)
+        kd_finetune_(model, m.dense, train, val, finetune, seed=finetune_seed(seed), kd=kd)
+    else:
+        model = m.build(chosen.plan)
+    model.eval()
+    val_acc = accuracy(model, val.x, val.y)
+    return model, {"val_accuracy": val_acc, "val_drop": 100 * (dense_acc - val_acc),
+                   "test_accuracy": accuracy(model, test.x, test.y) if test is not None else None,
+                   "finetune_epochs": finetune.epochs if finetune is not None else 0}
+
+
+def _write(folder: Path, m: Measurer, model: nn.Module, best: nn.Module, chosen: Point, points: list[Point],
+           front: list[Point], payload: dict[str, Any], metrics: dict[str, Any], budget: Budget, space: SearchSpace,
+           finetune: Any, kd: Any, seed: int, recipe_data: Any, recipe_model: Any,
+           groups: list[GroupChoice]) -> dict[str, Any]:
+    from torchslim.atomic import atomic_path
+    from torchslim.export import export_onnx, save
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "pareto.json", {**payload, "chosen": chosen.to_dict(), "final": metrics})
+    plot_front(folder / "pareto.png", points, front, chosen, budget.describe())
+    save(best, folder / "model.slim")
+    export_onnx(best, m.example, folder / "model.onnx")
+    files: dict[str, Any] = {k: str(folder / f) for k, f in (("pareto_json", "pareto.json"),
+                             ("pareto_png", "pareto.png"), ("model", "model.slim"), ("onnx", "model.onnx"))}
+    if recipe_data is not None:
+        save(model, folder / "dense.slim")
+        doc = recipe_document(recipe_model or _model_ref(model, "dense.slim"), recipe_data,
+                              plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd)
+        plan = ", ".join(f"{label} {keep}" for label, keep in chosen.plan.items())
+        text = (f"# Found by torchslim auto ({budget.describe()}).\n# Plan, kept channels per group (named by the "
+                f"layer writing them): {plan}.\n# Overrides name a layer found in that group only.\n"
+                f"# Reproduce with: torchslim run {folder / 'recipe.yaml'}\n") + yaml.safe_dump(doc, sort_keys=False)
+        with atomic_path(folder / "recipe.yaml") as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+        files["recipe"] = str(folder / "recipe.yaml")
+        files["_recipe"] = doc
+    return files
