@@ -13,6 +13,17 @@ here; the shipped trained ``fmnist_teacher`` from
   (QDQ, S8S8, min-max, per tensor, no pre-processing) on the same fp32 ONNX
   file with the same calibration inputs: what a user gets from ONNX Runtime alone.
 
+Beside them, for the models in ``--qat-models`` / ``--precision-models`` (default
+``fmnist_student``, the model int8 made slower):
+
+* ``qat_kd``: :func:`torchslim.quant.qat.qat`, quantization-aware training with the
+  float model as teacher (Hinton KD), ``--qat-epochs`` epochs (1 in quick mode) at
+  Adam 2e-4; its int8 file carries the learned scales, and its top-1 agreement
+  with the fake-quant torch model and largest logit difference are reported;
+* ``torchslim_per_layer``: :func:`torchslim.quant.precision.int8_layer_sweep` on the
+  validation split (each layer kept float in turn, measured in ONNX Runtime), the
+  layers it keeps float excluded.
+
 Every int8 file is evaluated by running it in ONNX Runtime (accuracy on the test
 split), sized on disk, and timed in ONNX Runtime at batch 1 and 256 with the same
 pinned threads, all files of a model timed run by run in alternation
@@ -47,6 +58,8 @@ from torchslim.data import load_dataset
 from torchslim.errors import DataError
 from torchslim.measure import compare_ort_latency, measure_latency, ort_accuracy
 from torchslim.quant import Int8Config, cpu_int8_profile, quantize
+from torchslim.quant.precision import int8_layer_sweep
+from torchslim.quant.qat import QATConfig, qat, qat_agreement
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ROOT / "recipes" / "weights" / "fmnist_teacher.slim"
@@ -89,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--calibration-samples", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed runs per measurement")
+    parser.add_argument("--qat-models", nargs="*", default=["fmnist_student"], choices=MODELS)
+    parser.add_argument("--qat-epochs", type=int, default=None, help="QAT+KD epochs (default 1 quick, 3 full)")
+    parser.add_argument("--precision-models", nargs="*", default=["fmnist_student"], choices=MODELS)
     args = parser.parse_args(argv)
     quick = args.quick
     train_limit, test_limit, epochs = (6000, 2000, 1) if quick else (None, None, 3)
@@ -128,6 +144,30 @@ def main(argv: list[str] | None = None) -> int:
             ort_default_int8(fp32, peer, calib)
             files = {"fp32": fp32.read_bytes(), "torchslim": q.int8_onnx, "torchslim_per_channel": qc.int8_onnx,
                      "ort_defaults": peer.read_bytes()}
+        extra: dict[str, Any] = {}
+        if name in args.precision_models:
+            t0 = time.perf_counter()
+            sweep = int8_layer_sweep(model, Int8Config(calibration_samples=calib_n), splits.train, splits.val,
+                                     batch_sizes=(1, 256), max_samples=1000 if quick else 2000, threads=args.threads,
+                                     budget_s=budget, example=test.x[:8], normalization=norm)
+            files["torchslim_per_layer"] = sweep["quantized"].int8_onnx
+            extra["torchslim_per_layer"] = {
+                "kept_float": sweep["exclude"], "sweep_seconds": time.perf_counter() - t0,
+                "why": {n: v["why"] for n, v in sweep["layers"].items()},
+                "sweep": {"all_int8_ms": sweep["all_int8"]["latency_ms"], "fp32_ms": sweep["fp32"]["latency_ms"],
+                          "layer_float_ms": {n: v["latency_ms"] for n, v in sweep["layers"].items()}}}
+        if name in args.qat_models:
+            t0 = time.perf_counter()
+            qat_epochs = args.qat_epochs or (1 if quick else 3)
+            qq = qat(model, splits.train, QATConfig(calibration_samples=calib_n),
+                     ts.TrainConfig(epochs=qat_epochs, lr=2e-4, batch_size=128, optimizer="adam", schedule="cosine"),
+                     example=test.x[:8], normalization=norm)
+            files["qat_kd"] = qq.int8_onnx
+            agree = qat_agreement(qq, test, threads=args.threads)
+            extra["qat_kd"] = {"epochs": qat_epochs, "train_seconds": time.perf_counter() - t0,
+                               "agreement_with_fake_quant": agree["agreement"],
+                               "max_logit_diff": agree["max_logit_diff"], "mean_logit_diff": agree["mean_logit_diff"],
+                               "fake_quant_torch_accuracy": agree["torch_accuracy"]}
         acc = {k: ort_accuracy(v, test.x, test.y, threads=args.threads) for k, v in files.items()}
         lat: dict[str, dict[str, float]] = {k: {} for k in files}
         for b in (1, 256):
@@ -136,14 +176,15 @@ def main(argv: list[str] | None = None) -> int:
                 lat[k][str(b)] = timed[k]["median_ms"]
             lat.setdefault("torch_eager", {})[str(b)] = measure_latency(model, test.x[:1], b, threads=args.threads,
                                                                         budget_s=budget)["median_ms"]
-        for method in ("fp32", "torchslim", "torchslim_per_channel", "ort_defaults"):
+        for method in files:
             rec = {"result": {"model": name, "origin": origin, "method": method, "runtime": "onnxruntime",
                               "accuracy": acc[method], "drop_points": 100 * (acc["fp32"] - acc[method]),
                               "bytes": len(files[method]), "size_ratio": len(files["fp32"]) / len(files[method]),
                               "latency_ms": lat[method],
                               "speedup_vs_ort_fp32": {b: lat["fp32"][b] / lat[method][b] for b in lat[method]},
                               "speedup_vs_torch": {b: lat["torch_eager"][b] / lat[method][b] for b in lat[method]}}}
-            if method.startswith("torchslim"):
+            rec["result"].update(extra.get(method, {}))
+            if method in ("torchslim", "torchslim_per_channel"):
                 rec["result"]["settings"] = {k: v for k, v in (q if method == "torchslim" else qc).describe().items()
                                              if k in ("scheme", "reduce_range", "per_channel", "calibration", "isa")}
             emit(rec)
@@ -154,11 +195,20 @@ def main(argv: list[str] | None = None) -> int:
                          "speedup_b256": lat["fp32"]["256"] / lat["torchslim"]["256"],
                          "ort_defaults_speedup_b256": lat["fp32"]["256"] / lat["ort_defaults"]["256"],
                          "seconds": time.perf_counter() - started}
+        for method in ("qat_kd", "torchslim_per_layer"):
+            if method in files:
+                summary[name][f"{method}_drop_points"] = 100 * (acc["fp32"] - acc[method])
+                summary[name][f"{method}_slower_at"] = [b for b in lat[method] if lat[method][b] > lat["fp32"][b]]
+                summary[name][f"{method}_speedup"] = {b: lat["fp32"][b] / lat[method][b] for b in lat[method]}
     targets = {
         "drop <= 0.3 points on every model": all(s["drop_points"] <= 0.3 for s in summary.values()),
         "int8 >= 3.5x smaller than fp32 ONNX": all(s["size_ratio"] >= 3.5 for s in summary.values()),
         "teacher int8 >= 1.6x faster than fp32 at b=256": summary.get("fmnist_teacher", {}).get("speedup_b256", 0)
         >= 1.6,
+        "QAT+KD <= 0.1 points below float": all(s["qat_kd_drop_points"] <= 0.1 for s in summary.values()
+                                                if "qat_kd_drop_points" in s),
+        "per-layer precision: no int8 file slower than fp32 at b=1 or 256": all(
+            not s["torchslim_per_layer_slower_at"] for s in summary.values() if "torchslim_per_layer_slower_at" in s),
     }
     emit({"summary": {"models": summary, "targets": targets, "pass": all(targets.values())}})
     return 0

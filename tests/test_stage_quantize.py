@@ -81,3 +81,42 @@ def test_cli_quantize_writes_the_int8_file_and_prints_ort_accuracy(tmp_path, cap
     assert rc == 0 and (tmp_path / "out" / "m.int8.onnx").is_file() and (tmp_path / "out" / "m.fp32.onnx").is_file()
     assert "ONNX Runtime fp32" in out and "int8" in out and "kept float: classifier.2" in out
     assert main(["quantize", os.fspath(tmp_path / "m.slim"), "--data", "digits", "--exclude", "nope"]) == 2
+
+
+STUDENT = {"preset": "fmnist_student", "args": {"width": 4, "fc": 8}}
+
+
+def test_precision_auto_sweeps_each_layer_and_reports_which_stayed_float(tmp_path):
+    stage = {"kind": "quantize", "precision": "auto", "precision_samples": 64, "method": {"calibration_samples": 32},
+             "latency_batch_sizes": [1, 16], "latency_budget_s": 0.02, "fallback_if_slower": False}
+    # Three Linear layers: the sweep quantizes the model 4 or 5 times (all int8, each layer float, the choice).
+    run = run_recipe(parse_recipe(_recipe([stage], MLP)), out=tmp_path / "run", progress=False)
+    rep = json.loads((run / "summary.json").read_text())["stages"]["quantize"]["report"]
+    sweep = rep["sweep"]
+    assert set(sweep["layers"]) == set(rep["layers"]) and len(sweep["layers"]) == 3
+    kept = [n for n, v in sweep["layers"].items() if v["keep_float"]]
+    assert sweep["exclude"] == kept == rep["quant"]["excluded"]  # the sweep's choice is what was quantized
+    assert all(set(v["latency_ms"]) == {"1", "16"} for v in sweep["layers"].values())
+    assert rep["int8_slower_at"] == [b for b, v in rep["latency"].items() if v["ort_int8"] > v["ort_fp32"]]
+    report = (run / "report.md").read_text()
+    assert "Per-layer precision" in report and "Layers kept float by the sweep" in report
+
+
+def test_qat_option_trains_through_fit_and_the_int8_file_matches_the_fake_quant_model(tmp_path):
+    stage = {"kind": "quantize", "latency": False,
+             "qat": {"train": {"epochs": 1, "lr": 0.001, "batch_size": 64}, "teacher": "net",
+                     "method": {"calibration_samples": 64}}}
+    run = run_recipe(parse_recipe(_recipe([TRAIN, stage])), out=tmp_path / "run", progress=False)
+    rep = json.loads((run / "summary.json").read_text())["stages"]["quantize"]["report"]
+    assert rep["quant"]["mode"] == "qat" and rep["quant"]["epochs"] == 1 and rep["shipped"] == "int8"
+    assert rep["qat"]["agreement"] >= 0.995 and rep["qat"]["max_logit_diff"] < 0.05
+    assert (run / "model.int8.onnx").is_file()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("stage") == "quantize" and "train_kd_loss" in r for r in metrics)
+    assert "Quantization-aware training" in (run / "report.md").read_text()
+
+
+def test_qat_teacher_that_does_not_exist_fails_in_plan(tmp_path):
+    stage = {"kind": "quantize", "qat": {"teacher": "nope"}}
+    with pytest.raises(ConfigError, match="nope"):
+        run_recipe(parse_recipe(_recipe([TRAIN, stage])), out=tmp_path / "run", progress=False)

@@ -7,7 +7,11 @@ timed in alternation). The rule: keep a layer float when keeping it float makes
 the model faster at some measured batch size (by more than ``latency_tol``) or
 more accurate (by more than ``accuracy_tol``). Its ``exclude`` list goes into
 :class:`~torchslim.quant.Int8Config` (or a recipe's ``quantize.method.exclude``).
-Cost: one quantization and one evaluation per layer.
+Cost: one quantization and one evaluation per layer, plus one for the final
+choice: the model with every kept-float layer float together is quantized,
+evaluated and timed against the fp32 file once more (``final``), since layers
+that each pay alone need not pay together, and ``slower_at`` names the batch
+sizes where even that file is slower than fp32.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from torchslim.quant.int8 import Int8Config, QUANTIZABLE, quantize
 
 def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any, *,
                      batch_sizes: Sequence[int] = (1, 256), max_samples: int = 1000, threads: int | None = None,
-                     accuracy_tol: float = 0.001, latency_tol: float = 0.03, budget_s: float = 0.5) -> dict[str, Any]:
+                     accuracy_tol: float = 0.001, latency_tol: float = 0.03, budget_s: float = 0.5,
+                     verify: bool = True, example: Any = None, normalization: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
     """Measure int8 with each Conv/Linear layer kept float in turn; return the layers to keep float.
 
     Args:
@@ -35,25 +41,30 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
         accuracy_tol: accuracy gain (fraction) that makes a layer stay float.
         latency_tol: relative latency gain that makes a layer stay float.
         budget_s: seconds of timed runs per batch size.
+        verify: quantize with the chosen ``exclude`` and time it against fp32 (``final``, ``slower_at``).
+        example: an input for the exports (default: the first calibration inputs).
+        normalization: ``{"mean", "std"}``, recorded in the ONNX files' metadata.
 
     Returns:
         ``{"all_int8": {...}, "fp32": {...}, "layers": {name: {"accuracy", "latency_ms", "keep_float", "why"}},
-        "exclude": [names], "int8_slower_than_fp32": bool}``.
+        "exclude": [names], "int8_slower_than_fp32": bool (all-int8 slower at every batch size),
+        "final": {"accuracy", "latency_ms", "fp32_latency_ms", "exclude"} | None, "slower_at": [batch sizes,
+        as strings], "quantized": the :class:`~torchslim.quant.QuantizedModel` with that ``exclude``}``.
     """
     from torchslim.measure.ort import compare_ort_latency, ort_accuracy  # noqa: PLC0415
 
     sub = type("Subset", (), {"x": val.x[:max_samples], "y": val.y[:max_samples]})
-    base = quantize(model, config, calib=calib)
+    base = quantize(model, config, calib=calib, example=example, normalization=normalization)
     names = [n for n in base.layers if n not in base.excluded]
     files = {"fp32": base.fp32_onnx, "all_int8": base.int8_onnx}
     for name in names:
         one = Int8Config(**{**config.model_dump(), "exclude": tuple(config.exclude) + (name,)})
-        files[name] = quantize(model, one, calib=calib).int8_onnx
+        files[name] = quantize(model, one, calib=calib, example=example).int8_onnx
     accuracy = {k: ort_accuracy(v, sub.x, sub.y, threads=threads) for k, v in files.items()}
-    example = val.x[:1]
+    one_input = val.x[:1]
     latency: dict[str, dict[str, float]] = {k: {} for k in files}
     for b in batch_sizes:
-        timed = compare_ort_latency(files, example, b, threads=threads, budget_s=budget_s)
+        timed = compare_ort_latency(files, one_input, b, threads=threads, budget_s=budget_s)
         for k in files:
             latency[k][str(b)] = timed[k]["median_ms"]
     layers = {}
@@ -61,15 +72,34 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
         faster = [b for b in latency[name] if latency[name][b] < (1 - latency_tol) * latency["all_int8"][b]]
         better = accuracy[name] > accuracy["all_int8"] + accuracy_tol
         why = []
-        if faster:
-            why.append(f"faster float at b={','.join(faster)}")
+        for b in faster:
+            why.append(f"b={b}: {latency[name][b]:.3f} ms with it float vs {latency['all_int8'][b]:.3f} ms all int8")
         if better:
-            why.append(f"+{100 * (accuracy[name] - accuracy['all_int8']):.2f} points float")
+            why.append(f"accuracy {100 * accuracy[name]:.2f}% with it float vs {100 * accuracy['all_int8']:.2f}% "
+                       "all int8")
         layers[name] = {"accuracy": accuracy[name], "latency_ms": latency[name], "keep_float": bool(why),
                         "why": "; ".join(why) or "int8 is as fast and as accurate"}
     exclude = list(config.exclude) + [n for n in names if layers[n]["keep_float"]]
     slower = all(latency["all_int8"][b] > latency["fp32"][b] for b in latency["fp32"])
-    return {"all_int8": {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"]},
+    final = None
+    chosen_model = base
+    slower_at = [b for b in latency["fp32"] if latency["all_int8"][b] > latency["fp32"][b]]
+    if verify and len(exclude) > len(config.exclude):
+        chosen_model = quantize(model, Int8Config(**{**config.model_dump(), "exclude": tuple(exclude)}), calib=calib,
+                                example=example, normalization=normalization)
+        chosen = chosen_model.int8_onnx
+        pair = {"fp32": base.fp32_onnx, "final": chosen}
+        final = {"accuracy": ort_accuracy(chosen, sub.x, sub.y, threads=threads), "latency_ms": {},
+                 "fp32_latency_ms": {}, "exclude": exclude}
+        for b in batch_sizes:
+            timed = compare_ort_latency(pair, one_input, b, threads=threads, budget_s=budget_s)
+            final["latency_ms"][str(b)] = timed["final"]["median_ms"]
+            final["fp32_latency_ms"][str(b)] = timed["fp32"]["median_ms"]
+        slower_at = [b for b in final["latency_ms"] if final["latency_ms"][b] > final["fp32_latency_ms"][b]]
+    elif verify:
+        final = {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"],
+                 "fp32_latency_ms": latency["fp32"], "exclude": exclude}
+    return {"final": final, "slower_at": slower_at, "quantized": chosen_model, "all_int8": {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"]},
             "fp32": {"accuracy": accuracy["fp32"], "latency_ms": latency["fp32"]},
             "layers": layers, "exclude": exclude, "int8_slower_than_fp32": slower,
             "samples": len(sub.y), "quantizable": [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]}
