@@ -155,3 +155,12 @@ def test_cli_auto_end_to_end(model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0 and "[1/" in printed and "reproduce with: torchslim run" in printed
     assert (tmp_path / "auto" / "recipe.yaml").is_file()
+
+
+def test_trial_finetune_ranks_candidates_after_a_short_kd_finetune(model, splits):
+    space = SearchSpace(keep=[1.0, 0.5], exclude=["re:features.*"], bn_batches=1, max_candidates=1)
+    r = search.search(model, splits.train, splits.val, Budget(macs=1.0, batch=16, latency_budget_s=0.01), space,
+                      uniform=False, trial_finetune=ts.TrainConfig(epochs=1, batch_size=64), trial_samples=128)
+    cut = [p for p in r.points if p.source == "sweep"]
+    assert [g.label for g in r.groups] == ["classifier.0"] and len(cut) == 1
+    assert cut[0].extra["trial_finetune_epochs"] == 1 and r.dense.extra["trial_finetune_epochs"] == 0

@@ -1,8 +1,8 @@
 """Allocation: from the per-group tables to a whole front of plans in one pass (a Lagrangian sweep).
 
-For a trade-off λ (accuracy points per unit of latency, as a fraction of the dense
-model's), every group independently picks the kept count minimising
-``drop + λ · latency change``; sweeping λ from 0 (keep everything that costs accuracy)
+For a trade-off λ (accuracy points per unit of log-latency), every group independently
+picks the kept count minimising ``drop + λ · log(1 + latency change)`` (the tables' latency
+changes compose by multiplication, so their logarithms add); sweeping λ from 0 (keep everything that costs accuracy)
 to large (cut everything as far as allowed) traces the lower convex hull of the
 additive predictions, one plan per distinct choice. The plans are predictions only:
 each is then built and measured end to end before it may be put on a front.
@@ -18,11 +18,17 @@ from torchslim.search.sensitivity import Tables
 from torchslim.search.space import GroupChoice, plan_key
 
 
+def _log_costs(tables: Tables) -> dict[str, dict[int, float]]:
+    """log(latency ratio) per group and kept count: additive where the ratios multiply."""
+    return {g: {k: math.log(max(1.0 + v, 1e-3)) for k, v in d.items()} for g, d in tables.latency.items()}
+
+
 def _lambda_grid(tables: Tables, n: int) -> list[float]:
     """0, then ``n`` values spread geometrically over the slopes where some group's choice changes."""
     slopes = []
+    costs = _log_costs(tables)
     for g, drops in tables.drop.items():
-        lats = tables.latency[g]
+        lats = costs[g]
         for k1 in drops:
             for k2 in drops:
                 dc = lats[k1] - lats[k2]
@@ -52,12 +58,15 @@ def lagrangian_plans(groups: list[GroupChoice], tables: Tables, n_lambdas: int =
         [{'a': 4, 'b': 4}, {'a': 2, 'b': 4}, {'a': 2, 'b': 2}]
     """
     seen: dict[tuple, dict[str, int]] = {}
+    costs = _log_costs(tables)
     for lam in _lambda_grid(tables, n_lambdas):
         plan = {}
         for g in groups:
-            drops, lats = tables.drop[g.label], tables.latency[g.label]
-            if math.isinf(lam):  # the fastest choice; ties go to the larger model
-                plan[g.label] = min(g.keeps, key=lambda k: (lats[k], drops[k], -k))
+            drops, lats = tables.drop[g.label], costs[g.label]
+            if math.isinf(lam):
+                # The far end of the space: every group cut as far as allowed. Not the table's
+                # fastest choice, which timing noise can make the uncut width on a small group.
+                plan[g.label] = min(g.keeps)
             else:
                 plan[g.label] = min(g.keeps, key=lambda k: (drops[k] + lam * lats[k], lats[k], -k))
         seen.setdefault(plan_key(plan), plan)

@@ -22,8 +22,10 @@ stage per axis in :func:`recipe_document`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -205,6 +207,8 @@ def search(
     recipe_model: dict[str, Any] | None = None,
     seed: int = 0,
     uniform: bool = True,
+    trial_finetune: Any = None,
+    trial_samples: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Search per-group channel widths of ``model`` under ``budget``; every reported point is measured.
@@ -227,6 +231,11 @@ def search(
             ``dense.slim`` written beside the recipe).
         seed: the recipe's seed (the fine-tune uses the seed the pipeline derives from it).
         uniform: also measure the uniform plans (one keep fraction in every group), the baseline.
+        trial_finetune: a short KD fine-tune (a :class:`torchslim.TrainConfig`) given to every
+            candidate from the dense model before its accuracy is measured, so the front ranks
+            plans by what they recover to rather than by their accuracy right after the cut
+            (default None: BatchNorm re-estimation only, the cheap proxy).
+        trial_samples: training samples of each trial fine-tune (default: all of ``train``).
         progress: called with one line per evaluated candidate (e.g. ``print``).
 
     Returns:
@@ -255,14 +264,25 @@ def search(
         raise ConfigError("no channel group of this model can be searched (all excluded, frozen or too small)")
     m = Measurer(copy.deepcopy(model).eval(), groups, space, budget, train.x)
 
+    trial_train = _subset(train, trial_samples)
+    trial = trial_finetune if trial_finetune is not None and trial_finetune.epochs > 0 else None
+
     def measure(plan: dict[str, int], source: str, tables: Tables | None) -> Point:
-        built = m.dense if source == "dense" else m.build(plan)
+        if source == "dense":
+            built = m.dense
+        elif trial is not None:
+            built = m.build(plan, recalibrate=False)
+            kd_finetune_(built, m.dense, trial_train, None, trial, seed=finetune_seed(seed, "trial"), kd=kd)
+            built.eval()
+        else:
+            built = m.build(plan)
         acc = accuracy(built, val.x, val.y)
         lat = m.latency(built)
         pred = tables.predict(plan) if tables is not None and source != "dense" else (None, None)
         return Point(dict(plan), source, acc, 100 * (dense_acc - acc), lat["p50_ms"], lat["p90_ms"],
                      1.0 if source == "dense" else lat["ratio"], lat["bytes"], m.macs(built), pred[0], pred[1],
-                     budget.batch, budget.runtime)
+                     budget.batch, budget.runtime,
+                     {"trial_finetune_epochs": trial.epochs if trial is not None and source != "dense" else 0})
 
     dense_acc = accuracy(m.dense, val.x, val.y)
     dense = measure(dense_plan(groups), "dense", None)
@@ -282,6 +302,7 @@ def search(
                 todo.append((u, "uniform"))  # measured even when the sweep chose it too: the baseline curve
                 seen.add(plan_key(u))
     points = [dense]
+    loop_start = time.time()
     for i, (plan, source) in enumerate(todo, 1):
         p = measure(plan, source, tables)
         points.append(p)
@@ -292,7 +313,7 @@ def search(
             f"{p.predicted_drop:+.2f}) latency {p.latency_ratio:.3f}x (predicted {p.predicted_latency:.3f}x) "
             f"{p.latency_p50_ms:.2f} ms | best feasible: "
             + (f"{100 * best.accuracy:.2f}% at {best.latency_ratio:.3f}x" if best else "none yet")
-            + f" | {time.time() - start:.0f}s")
+            + f" | {time.time() - start:.0f}s, about {(time.time() - loop_start) / i * (len(todo) - i):.0f}s left")
     swept = [p for p in points if p.source != "dense"]
     lat_err = [abs(p.predicted_latency - p.latency_ratio) for p in swept]
     drop_err = [abs(p.predicted_drop - p.drop) for p in swept]
@@ -302,14 +323,16 @@ def search(
     payload: dict[str, Any] = {"budget": budget.to_dict(), "space": space.to_dict(), "dense": dense.to_dict(),
                                "groups": [g.__dict__ for g in groups], "tables": tables.to_dict(),
                                "prediction_error": error, "points": [p.to_dict() for p in points],
-                               "front": [p.to_dict() for p in front]}
+                               "front": [p.to_dict() for p in front],
+                               "accuracy_measured": "after a trial KD fine-tune" if trial is not None else
+                               "after the cut and BatchNorm re-estimation, no fine-tune"}
     folder = Path(out) if out is not None else None
     try:
         chosen = choose(front, budget, dense)
     except InfeasibleBudget as exc:
         if folder is not None:
             write_json(folder / "pareto.json", {**payload, "chosen": None, "infeasible": str(exc)})
-            plot_front(folder / "pareto.png", points, front, None, budget.describe())
+            plot_front(folder / "pareto.png", points, front, None, budget.describe(), _ylabel(payload))
         raise
     best_model, metrics = _finish(m, chosen, train, val, test, finetune, kd, seed, dense_acc)
     recipe = None
@@ -323,6 +346,19 @@ def search(
                                  plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd)
     return SearchResult(front, points, chosen, best_model, dense, metrics, tables, error, groups,
                         recipe, time.time() - start, files)
+
+
+def _ylabel(payload: dict[str, Any]) -> str:
+    return f"validation accuracy, {payload['accuracy_measured']} (%)"
+
+
+def _subset(split: Any, n: int | None) -> Any:
+    """The first ``n`` samples of a split (the whole split when ``n`` is None or larger)."""
+    if n is None or n >= len(split.y):
+        return split
+    if dataclasses.is_dataclass(split):
+        return dataclasses.replace(split, x=split.x[:n], y=split.y[:n])
+    return types.SimpleNamespace(x=split.x[:n], y=split.y[:n])
 
 
 def _finish(m: Measurer, chosen: Point, train: Any, val: Any, test: Any, finetune: Any, kd: Any, seed: int,
@@ -353,7 +389,7 @@ def _write(folder: Path, m: Measurer, model: nn.Module, best: nn.Module, chosen:
 
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "pareto.json", {**payload, "chosen": chosen.to_dict(), "final": metrics})
-    plot_front(folder / "pareto.png", points, front, chosen, budget.describe())
+    plot_front(folder / "pareto.png", points, front, chosen, budget.describe(), _ylabel(payload))
     save(best, folder / "model.slim")
     export_onnx(best, m.example, folder / "model.onnx")
     files: dict[str, Any] = {k: str(folder / f) for k, f in (("pareto_json", "pareto.json"),

@@ -17,7 +17,8 @@ class Point:
     Attributes:
         plan: ``{group label: kept channels}``.
         source: ``"dense"``, ``"sweep"`` (the Lagrangian allocation) or ``"uniform"`` (baseline).
-        accuracy: validation accuracy in [0, 1] after the cut and BatchNorm re-estimation (no fine-tune).
+        accuracy: validation accuracy in [0, 1] after the cut and BatchNorm re-estimation, or after
+            the search's trial fine-tune when it has one (``extra["trial_finetune_epochs"]``).
         drop: accuracy points lost against the dense model (validation).
         latency_p50_ms / latency_p90_ms: end-to-end latency at the budget's batch.
         latency_ratio: median latency over the dense model's, timed in alternation with it.
@@ -69,7 +70,7 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
 
 
 def plot_front(path: str | Path, points: list[Point], front: list[Point], chosen: Point | None,
-               title: str = "") -> None:
+               title: str = "", ylabel: str = "validation accuracy before fine-tuning (%)") -> None:
     """Accuracy against measured latency: every point, the front as a line, the chosen plan starred.
 
     Uses a matplotlib ``Figure`` (never pyplot), so nothing global is touched.
@@ -92,7 +93,7 @@ def plot_front(path: str | Path, points: list[Point], front: list[Point], chosen
         ax.scatter([chosen.latency_ratio], [100 * chosen.accuracy], marker="*", s=200, color="tab:red",
                    label="chosen", zorder=5)
     ax.set_xlabel("latency / dense latency (measured end to end)")
-    ax.set_ylabel("validation accuracy before fine-tuning (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "measured front")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

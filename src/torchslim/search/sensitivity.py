@@ -165,9 +165,16 @@ class Tables:
     latency: dict[str, dict[int, float]]
 
     def predict(self, plan: dict[str, int]) -> tuple[float, float]:
-        """Predicted (accuracy drop in points, latency as a fraction of dense): sums over the groups."""
+        """Predicted (accuracy drop in points, latency as a fraction of dense).
+
+        Drops add up. Latency changes multiply: a conv whose input group and output group are
+        both cut shrinks by the product of the two fractions, so adding the two changes would
+        count the shared layer's saving twice (and predicts negative latencies for deep cuts).
+        """
         d = sum(self.drop[g][k] for g, k in plan.items() if k in self.drop.get(g, {}))
-        t = 1.0 + sum(self.latency[g][k] for g, k in plan.items() if k in self.latency.get(g, {}))
+        t = 1.0
+        for g, k in plan.items():
+            t *= 1.0 + self.latency.get(g, {}).get(k, 0.0)
         return d, t
 
     def to_dict(self) -> dict[str, Any]:
