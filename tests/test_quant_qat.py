@@ -16,7 +16,8 @@ import torchslim as ts
 from torchslim.config import config_from_dict
 from torchslim.core.masks import apply_mask_
 from torchslim.errors import ConfigError
-from torchslim.quant.qat import ActivationQuantizer, QATConfig, fold_batchnorm, prepare_qat, qat, qat_agreement
+from torchslim.quant.qat import (ActivationQuantizer, QATConfig, TiedQuantizer, fold_batchnorm, prepare_qat, qat,
+                                 qat_agreement)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,13 @@ def test_int8_file_in_onnx_runtime_matches_the_fake_quant_model(data, ranges, ou
     kinds = [n.op_type for n in proto.graph.node]
     # 4 layers: each input quantized, and each output unless left float
     assert kinds.count("QuantizeLinear") == (8 if outputs else 4) and "BatchNormalization" not in kinds
+    fq = q.fake_quant
+    if outputs:  # outputs quantized after each ReLU; the next layer's input reuses that scale (no requantizing)
+        assert fq.features[0].qat_after_relu and not fq.classifier[2].qat_after_relu
+        assert isinstance(fq.features[4].qat_input, TiedQuantizer) and fq.features[4].qat_input.source is \
+            fq.features[0].qat_output
+        assert isinstance(fq.classifier[0].qat_input, TiedQuantizer)  # through MaxPool and flatten
+        assert not isinstance(fq.features[0].qat_input, TiedQuantizer)  # the model's input
     if masked:
         trained = q.fake_quant.features[4]
         assert torch.equal(trained.weight_mask, mask) and (trained.weight_orig[mask == 0] == 0).all()

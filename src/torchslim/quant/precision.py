@@ -99,7 +99,8 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
     elif verify:
         final = {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"],
                  "fp32_latency_ms": latency["fp32"], "exclude": exclude}
-    return {"final": final, "slower_at": slower_at, "quantized": chosen_model, "all_int8": {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"]},
+    return {"final": final, "slower_at": slower_at, "quantized": chosen_model,
+            "all_int8": {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"]},
             "fp32": {"accuracy": accuracy["fp32"], "latency_ms": latency["fp32"]},
             "layers": layers, "exclude": exclude, "int8_slower_than_fp32": slower,
             "samples": len(sub.y), "quantizable": [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]}

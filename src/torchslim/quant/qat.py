@@ -145,22 +145,64 @@ class ActivationQuantizer(nn.Module):
                 self.min_val.copy_(torch.minimum(self.min_val, x.detach().min()))
                 self.max_val.copy_(torch.maximum(self.max_val, x.detach().max()))
             return x
-        if self.learned:
-            if not self.training:
-                return torch.fake_quantize_per_tensor_affine(x, self.scale.detach().abs(), self.zero_point, 0, 255)
+        if self.training and not self.learned:
+            with torch.no_grad():
+                d = self.ema_decay
+                self.min_val.mul_(d).add_((1 - d) * x.detach().min())
+                self.max_val.mul_(d).add_((1 - d) * x.detach().max())
+                self.set_range()
+        return self.fake_quant(x)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` quantized and dequantized with the current scale and zero point (no observation)."""
+        if self.learned and self.training:
             # LSQ: the scale's gradient scaled by 1/sqrt(numel * Qmax) so it moves as fast as the weights.
             g = 1.0 / math.sqrt(x[0].numel() * 255.0)
             s = self.scale.abs().clamp_min(1e-8)
             s = s * g + (s - s * g).detach()
             zp = self.zero_point.float()
             return (torch.clamp(_round_ste(x / s) + zp, 0, 255) - zp) * s
-        if self.training:
-            with torch.no_grad():
-                d = self.ema_decay
-                self.min_val.mul_(d).add_((1 - d) * x.detach().min())
-                self.max_val.mul_(d).add_((1 - d) * x.detach().max())
-                self.set_range()
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+        scale = self.scale.detach().abs() if self.learned else self.scale
+        return torch.fake_quantize_per_tensor_affine(x, scale, self.zero_point, 0, 255)
+
+
+class TiedQuantizer(nn.Module):
+    """A layer input that reuses an earlier quantizer's scale and zero point.
+
+    Used when the input is that quantizer's output passed through ops that keep values on
+    its grid (MaxPool, Flatten/Reshape, Identity, Dropout): ONNX Runtime then sees the same
+    ``QuantizeLinear`` parameters on both sides and runs those ops in int8, with no
+    requantization between the layers.
+    """
+
+    def __init__(self, source: ActivationQuantizer):
+        super().__init__()
+        object.__setattr__(self, "source", source)  # not a submodule: the source is observed once, where it is
+
+    @property
+    def calibrating(self) -> bool:
+        return self.source.calibrating
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.source.scale
+
+    @property
+    def zero_point(self) -> torch.Tensor:
+        return self.source.zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.source.calibrating else self.source.fake_quant(x)
+
+
+class _QuantizeOutput:
+    """Forward hook of a ReLU that carries the output quantizer of the layer before it."""
+
+    def __init__(self, quantizer: ActivationQuantizer):
+        self.quantizer = quantizer
+
+    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(output)
 
 
 def _weight_scale(w: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -168,7 +210,8 @@ def _weight_scale(w: torch.Tensor, qmax: int) -> torch.Tensor:
     return (torch.clamp(amax, min=1e-8) / qmax).float()
 
 
-def _quantized_parts(module: nn.Module, x_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def _quantized_parts(module: nn.Module,
+                     x_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(fake-quant weight, fake-quant bias or None, per-channel weight scale) of a prepared layer."""
     qmax = module.qat_qmax
     w = effective_weight(module) if is_masked(module) else module.weight
@@ -192,7 +235,7 @@ def _qat_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         w, b, _ = _quantized_parts(self, self.qat_input.scale)
     y = self._conv_forward(xq, w, b) if isinstance(self, nn.Conv2d) else F.linear(xq, w, b)
-    return self.qat_output(y) if self.qat_output is not None else y
+    return self.qat_output(y) if self.qat_output is not None and not self.qat_after_relu else y
 
 
 # ----------------------------------------------------------------- preparing
@@ -248,6 +291,72 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return model, folded
 
 
+#: ops whose output stays on their input's quantization grid (ONNX Runtime runs them in int8 between Q/DQ)
+_GRID_MODULES = (nn.MaxPool2d, nn.Identity, nn.Flatten, nn.Dropout)
+_GRID_METHODS = ("view", "reshape", "flatten", "contiguous")
+_GRID_FUNCTIONS = (torch.flatten, torch.reshape)
+
+
+def _value_users(node: Any) -> list[Any]:
+    return [u for u in node.users if not (u.op == "call_method" and u.target in ("size", "dim"))]
+
+
+def quantizer_sites(model: nn.Module, names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Where the quantizers of the layers ``names`` sit, from the model's traced graph.
+
+    Returns:
+        ``(after_relu, tied)``: ``after_relu[layer]`` is the ReLU module that directly
+        follows ``layer`` (its output is quantized after the ReLU, as ONNX Runtime fuses
+        Conv/Gemm + ReLU); ``tied[layer]`` is the earlier layer whose quantized output
+        reaches ``layer`` through grid-keeping ops only (MaxPool, Flatten, Reshape,
+        Identity, Dropout), so ``layer``'s input reuses that scale. Both empty when the
+        model does not trace or calls a layer twice.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - an untraceable model keeps one quantizer per layer input and output
+        return {}, {}
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    layer_nodes = {n.target: n for n in graph.nodes if n.op == "call_module" and n.target in names}
+    if any(calls[t] != 1 for t in layer_nodes):
+        return {}, {}
+    after_relu: dict[str, str] = {}
+    point: dict[Any, str] = {}  # the node whose value is a layer's quantized output
+    for name, node in layer_nodes.items():
+        cur = node
+        while len(_value_users(cur)) == 1:
+            nxt = _value_users(cur)[0]
+            mod = modules.get(nxt.target) if nxt.op == "call_module" else None
+            if isinstance(mod, nn.Identity) and calls[nxt.target] == 1:  # a folded BatchNorm
+                cur = nxt
+                continue
+            if type(mod) is nn.ReLU and calls[nxt.target] == 1:
+                after_relu[name] = nxt.target
+                node = nxt
+            break
+        point[node] = name
+    tied: dict[str, str] = {}
+    for name, node in layer_nodes.items():
+        src = node.args[0] if node.args else None
+        while isinstance(src, torch.fx.Node):
+            if src in point:
+                tied[name] = point[src]
+                break
+            if len(_value_users(src)) != 1 or not src.args:
+                break
+            keeps = ((src.op == "call_module" and isinstance(modules.get(src.target), _GRID_MODULES))
+                     or (src.op == "call_method" and src.target in _GRID_METHODS)
+                     or (src.op == "call_function" and src.target in _GRID_FUNCTIONS))
+            if not keeps:
+                break
+            src = src.args[0]
+    return after_relu, tied
+
+
 def _reduce_range(config: QATConfig) -> bool:
     return cpu_int8_profile()["reduce_range"] if config.reduce_range == "auto" else bool(config.reduce_range)
 
@@ -278,12 +387,19 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, *, calib: Any
     qmax = 64 if _reduce_range(config) else 127
     modules = dict(qmodel.named_modules())
     learned = config.activation_ranges == "learned"
+    after_relu, tied = quantizer_sites(qmodel, names) if config.quantize_outputs else ({}, {})
     for name in names:
         m = modules[name]
         m.qat_qmax = qmax
-        m.qat_input = ActivationQuantizer(learned, config.ema_decay)
         m.qat_output = ActivationQuantizer(learned, config.ema_decay) if config.quantize_outputs else None
+        m.qat_after_relu = name in after_relu
+        if name in after_relu:
+            modules[after_relu[name]].register_forward_hook(_QuantizeOutput(m.qat_output))
         m.forward = types.MethodType(_qat_forward, m)  # after the layer's pre-hooks (masks), like forward
+    for name in names:  # inputs last: a tied input needs its source's quantizer
+        m = modules[name]
+        m.qat_input = (TiedQuantizer(modules[tied[name]].qat_output) if name in tied
+                       else ActivationQuantizer(learned, config.ema_decay))
     quantizers = [q for q in qmodel.modules() if isinstance(q, ActivationQuantizer)]
     x = _calibration_inputs(calib, config.calibration_samples)
     for q in quantizers:
@@ -322,6 +438,9 @@ def _float_copy(qmodel: nn.Module) -> nn.Module:
     _detach_masked_weights(qmodel)
     plain = copy.deepcopy(qmodel).cpu().eval()
     for m in plain.modules():
+        for key, hook in list(m._forward_hooks.items()):
+            if isinstance(hook, _QuantizeOutput):
+                del m._forward_hooks[key]
         if hasattr(m, "qat_input"):
             del m.forward
             del m.qat_input
@@ -349,6 +468,7 @@ def qdq_params(qmodel: nn.Module) -> dict[str, dict[str, Any]]:
         if bq is not None:
             p["b_int32"] = torch.round(bq / (x_scale * w_scale)).to(torch.int32).numpy()
         if m.qat_output is not None:
+            p["y_after_relu"] = m.qat_after_relu
             p["y_scale"] = m.qat_output.scale.detach().abs().float().numpy()
             p["y_zero_point"] = m.qat_output.zero_point.numpy().astype("uint8")
         out[name] = p
@@ -451,11 +571,11 @@ def qat(model: nn.Module, train: Any, config: QATConfig | None = None, train_con
 
     Example:
         >>> import torch, types, torchslim as ts
-        >>> from torchslim.quant.qat import QATConfig, qat
+        >>> from torchslim.quant.qat import QATConfig, qat, qat_agreement
         >>> model = ts.models.create("fmnist_student", width=4, fc=8, input_size=8)
         >>> data = types.SimpleNamespace(x=torch.randn(64, 1, 8, 8), y=torch.randint(0, 10, (64,)))
         >>> q = qat(model, data, QATConfig(calibration_samples=32), ts.TrainConfig(epochs=1, batch_size=32))
-        >>> q.int8_bytes < q.fp32_bytes
+        >>> qat_agreement(q, data)["agreement"] >= 0.995  # ONNX Runtime int8 vs the fake-quant torch model
         True
     """
     config = config or QATConfig()

@@ -11,7 +11,8 @@ exactly the fake-quant model's quantizers instead, per quantized layer:
   ``DequantizeLinear`` (zero points 0);
 * its bias: int32 integers with scale ``input scale × weight scale`` (what
   ONNX Runtime's fused ``QLinearConv``/``QGemm`` adds to its int32 sums);
-* its output (optional): ``QuantizeLinear → DequantizeLinear`` (uint8).
+* its output (optional): ``QuantizeLinear → DequantizeLinear`` (uint8), after the
+  ReLU that follows it when there is one.
 
 ONNX Runtime fuses ``DQ → Conv/Gemm → Q`` into its int8 kernels when it loads
 the file. Supported nodes: ``Conv``, ``Gemm`` (either ``transB``), and
@@ -53,7 +54,8 @@ def write_qdq(proto: Any, params: dict[str, dict[str, Any]]) -> Any:
         params: ``{onnx node name: {...}}`` with numpy values: ``x_scale`` (float32 scalar),
             ``x_zero_point`` (uint8 scalar), ``w_int8`` (int8, the torch layout
             ``(out, in, ...)``), ``w_scale`` (float32, one per output channel), ``b_int32``
-            (int32 or None), ``y_scale`` / ``y_zero_point`` (or None: output left float).
+            (int32 or None), ``y_scale`` / ``y_zero_point`` (or None: output left float), and
+            ``y_after_relu`` (quantize the output of the ReLU that the node feeds instead).
 
     Raises:
         ModelError: a node is missing, of an unsupported kind, or its weight shape does not
@@ -121,11 +123,18 @@ def write_qdq(proto: Any, params: dict[str, dict[str, Any]]) -> Any:
         before[node_name] = nodes
         # output
         if p.get("y_scale") is not None:
-            y = node.output[0]
-            node.output[0] = f"{pre}_y"
+            at = node
+            if p.get("y_after_relu"):  # quantized after the ReLU: ONNX Runtime folds it into the int8 kernel
+                users = [n for n in graph.node if node.output[0] in n.input]
+                if len(users) != 1 or users[0].op_type != "Relu":
+                    raise ModelError(f"node {node_name!r}: its output quantizer follows a ReLU in torch, but the "
+                                     f"graph feeds {[u.op_type for u in users]}")
+                at = users[0]
+            y = at.output[0]
+            at.output[0] = f"{pre}_y"
             y_s = const(f"{pre}_y_scale", np.asarray(p["y_scale"], dtype=np.float32).reshape(()))
             y_z = const(f"{pre}_y_zero_point", np.asarray(p["y_zero_point"], dtype=np.uint8).reshape(()))
-            after[node_name] = [
+            after[at.name] = [
                 helper.make_node("QuantizeLinear", [f"{pre}_y", y_s, y_z], [f"{pre}_y_q"], name=f"{pre}_y_Q"),
                 helper.make_node("DequantizeLinear", [f"{pre}_y_q", y_s, y_z], [y], name=f"{pre}_y_DQ")]
 

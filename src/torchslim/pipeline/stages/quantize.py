@@ -182,7 +182,9 @@ class Quantize(Stage):
                                    "torch": eager["median_ms"]}
         slower = bool(latency) and all(v["ort_int8"] > v["ort_fp32"] for v in latency.values())
         slower_at = [b for b, v in latency.items() if v["ort_int8"] > v["ort_fp32"]]
-        shipped = "fp32" if slower and c.fallback_if_slower else "int8"
+        # The sweep may keep every layer float: the "int8" file is then a float model, nothing to ship.
+        all_float = bool(q.layers) and set(q.excluded) >= set(q.layers)
+        shipped = "fp32" if (slower or all_float) and c.fallback_if_slower else "int8"
         q.export_onnx(files / "model.fp32.onnx", precision="fp32")
         names = ["model.fp32.onnx"]
         if shipped == "int8":
@@ -191,6 +193,7 @@ class Quantize(Stage):
         report = {"quant": q.describe(), "accuracy": accuracy, "test_samples": len(test.y), "latency": latency,
                   "threads": threads, "int8_slower": slower, "shipped": shipped, "files": names,
                   "layers": q.layers, "int8_slower_at": slower_at, "precision": c.precision,
+                  "all_layers_float": all_float,
                   "sweep": _sweep_report(sweep), "qat": agreement}
         record = {"stage": self.id, "event": "quantize", "int8_accuracy_ort": accuracy["ort_int8"],
                   "fp32_accuracy_ort": accuracy["ort_fp32"], "int8_bytes": q.int8_bytes, "fp32_bytes": q.fp32_bytes,
@@ -243,6 +246,10 @@ class Quantize(Stage):
                        f"model on {100 * a['agreement']:.2f}% of {a['samples']} test samples (top-1); largest logit "
                        f"difference {a['max_logit_diff']:.4g}, mean {a['mean_logit_diff']:.4g}.")
         out.extend(_sweep_lines(report.get("sweep")))
+        if report.get("all_layers_float"):
+            out.append("Every Conv/Linear layer stays float, so int8 gains nothing on this model: "
+                       + ("`model.int8.onnx` was not written; deploy `model.fp32.onnx`."
+                          if report["shipped"] == "fp32" else "written anyway (fallback_if_slower: false)."))
         if report.get("int8_slower_at"):
             out.append("The int8 file is SLOWER than the fp32 file in ONNX Runtime at batch size "
                        + ", ".join(report["int8_slower_at"])
