@@ -95,7 +95,10 @@ def test_precision_auto_sweeps_each_layer_and_reports_which_stayed_float(tmp_pat
     sweep = rep["sweep"]
     assert set(sweep["layers"]) == set(rep["layers"]) and len(sweep["layers"]) == 3
     kept = [n for n, v in sweep["layers"].items() if v["keep_float"]]
-    assert sweep["exclude"] == kept == rep["quant"]["excluded"]  # the sweep's choice is what was quantized
+    assert sweep["exclude"] == kept  # the per-layer rule
+    assert sweep["final"]["exclude"] == rep["quant"]["excluded"]  # the measured choice is what was quantized
+    # the final file is never slower than fp32 where the sweep measured it, unless every layer is float
+    assert not sweep["slower_at"] or set(sweep["final"]["exclude"]) == set(sweep["layers"])
     assert all(set(v["latency_ms"]) == {"1", "16"} for v in sweep["layers"].values())
     assert rep["int8_slower_at"] == [b for b, v in rep["latency"].items() if v["ort_int8"] > v["ort_fp32"]]
     report = (run / "report.md").read_text()

@@ -9,9 +9,12 @@ more accurate (by more than ``accuracy_tol``). Its ``exclude`` list goes into
 :class:`~torchslim.quant.Int8Config` (or a recipe's ``quantize.method.exclude``).
 Cost: one quantization and one evaluation per layer, plus one for the final
 choice: the model with every kept-float layer float together is quantized,
-evaluated and timed against the fp32 file once more (``final``), since layers
-that each pay alone need not pay together, and ``slower_at`` names the batch
-sizes where even that file is slower than fp32.
+evaluated and timed against the fp32 and all-int8 files once more (``final``),
+since layers that each pay alone need not pay together. When that file is
+still slower than fp32 at some batch size, all-int8 is taken if it is not, and
+otherwise every layer stays float (int8 does not pay on this model; the
+``quantize`` stage then ships the fp32 file); ``slower_at`` names the batch
+sizes where the final file is slower than fp32.
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
     Returns:
         ``{"all_int8": {...}, "fp32": {...}, "layers": {name: {"accuracy", "latency_ms", "keep_float", "why"}},
         "exclude": [names], "int8_slower_than_fp32": bool (all-int8 slower at every batch size),
-        "final": {"accuracy", "latency_ms", "fp32_latency_ms", "exclude"} | None, "slower_at": [batch sizes,
-        as strings], "quantized": the :class:`~torchslim.quant.QuantizedModel` with that ``exclude``}``.
+        "final": {"accuracy", "latency_ms", "fp32_latency_ms", "exclude", "fallback", "measured"} | None,
+        "slower_at": [batch sizes, as strings], "quantized": the :class:`~torchslim.quant.QuantizedModel`
+        with ``final["exclude"]``}``. ``exclude`` is the per-layer rule's list; ``final["exclude"]``
+        the list after the combined measurement (use it: it is what ``quantized`` was made with).
     """
     from torchslim.measure.ort import compare_ort_latency, ort_accuracy  # noqa: PLC0415
 
@@ -84,23 +89,63 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
     final = None
     chosen_model = base
     slower_at = [b for b in latency["fp32"] if latency["all_int8"][b] > latency["fp32"][b]]
-    if verify and len(exclude) > len(config.exclude):
-        chosen_model = quantize(model, Int8Config(**{**config.model_dump(), "exclude": tuple(exclude)}), calib=calib,
-                                example=example, normalization=normalization)
-        chosen = chosen_model.int8_onnx
-        pair = {"fp32": base.fp32_onnx, "final": chosen}
-        final = {"accuracy": ort_accuracy(chosen, sub.x, sub.y, threads=threads), "latency_ms": {},
-                 "fp32_latency_ms": {}, "exclude": exclude}
-        for b in batch_sizes:
-            timed = compare_ort_latency(pair, one_input, b, threads=threads, budget_s=budget_s)
-            final["latency_ms"][str(b)] = timed["final"]["median_ms"]
-            final["fp32_latency_ms"][str(b)] = timed["fp32"]["median_ms"]
-        slower_at = [b for b in final["latency_ms"] if final["latency_ms"][b] > final["fp32_latency_ms"][b]]
-    elif verify:
-        final = {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"],
-                 "fp32_latency_ms": latency["fp32"], "exclude": exclude}
+    if verify:
+        final, chosen_model, slower_at = _verify(model, config, calib, base, exclude, names, sub, one_input,
+                                                 batch_sizes, threads, budget_s, example, normalization)
     return {"final": final, "slower_at": slower_at, "quantized": chosen_model,
             "all_int8": {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"]},
             "fp32": {"accuracy": accuracy["fp32"], "latency_ms": latency["fp32"]},
             "layers": layers, "exclude": exclude, "int8_slower_than_fp32": slower,
             "samples": len(sub.y), "quantizable": [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]}
+
+
+def _verify(model: nn.Module, config: Int8Config, calib: Any, base: Any, exclude: list[str], names: list[str],
+            sub: Any, one_input: Any, batch_sizes: Sequence[int], threads: int | None, budget_s: float,
+            example: Any, normalization: dict[str, Any] | None) -> tuple[dict[str, Any], Any, list[str]]:
+    """Time the chosen file against fp32 and all-int8; fall back when it is still slower than fp32.
+
+    Layers that each pay when kept float alone need not pay together (every float/int8
+    boundary adds a QuantizeLinear or DequantizeLinear), so the choice is measured once
+    more. If it is slower than fp32 at some batch size, all-int8 is taken when that is
+    not; when neither is, every layer stays float: int8 does not pay on this model.
+    """
+    from torchslim.measure.ort import compare_ort_latency, ort_accuracy  # noqa: PLC0415
+
+    def build(ex: list[str]) -> Any:
+        if list(ex) == list(config.exclude):
+            return base
+        return quantize(model, Int8Config(**{**config.model_dump(), "exclude": tuple(ex)}), calib=calib,
+                        example=example, normalization=normalization)
+
+    chosen = build(exclude)
+    files = {"fp32": base.fp32_onnx, "all_int8": base.int8_onnx, "chosen": chosen.int8_onnx}
+    lat: dict[str, dict[str, float]] = {k: {} for k in files}
+    for b in batch_sizes:
+        timed = compare_ort_latency(files, one_input, b, threads=threads, budget_s=budget_s)
+        for k in files:
+            lat[k][str(b)] = timed[k]["median_ms"]
+
+    def slower_at(key: str) -> list[str]:
+        return [b for b in lat["fp32"] if lat[key][b] > lat["fp32"][b]]
+
+    fallback = None
+    if slower_at("chosen") and exclude != list(config.exclude) and not slower_at("all_int8"):
+        exclude, chosen, key = list(config.exclude), base, "all_int8"
+        fallback = "the chosen float layers together were slower than fp32; all int8 is not"
+    elif slower_at("chosen"):
+        key = "chosen"
+        worst = ", ".join(f"b={b}: {lat['chosen'][b]:.3f} ms vs fp32 {lat['fp32'][b]:.3f} ms"
+                          for b in slower_at("chosen"))
+        exclude = list(dict.fromkeys(list(config.exclude) + names))
+        chosen = build(exclude)
+        fallback = (f"int8 stays slower than fp32 ({worst}; all int8: "
+                    + ", ".join(f"b={b}: {lat['all_int8'][b]:.3f} ms" for b in lat["fp32"])
+                    + "): every layer kept float")
+    else:
+        key = "chosen"
+    final = {"accuracy": ort_accuracy(chosen.int8_onnx, sub.x, sub.y, threads=threads),
+             "latency_ms": lat[key], "fp32_latency_ms": lat["fp32"], "exclude": exclude, "fallback": fallback,
+             "measured": lat}
+    # Every layer float: the file is the float model, not slower by construction.
+    still = [] if set(exclude) >= set(base.layers) else slower_at(key)
+    return final, chosen, still

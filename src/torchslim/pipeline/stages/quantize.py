@@ -146,7 +146,7 @@ class Quantize(Stage):
         threads = torch.get_num_threads()
         main = ctx.dist.is_main
         sweep = self._sweep(ctx, model, threads) if c.precision == "auto" and main else None
-        exclude = list(sweep["exclude"]) if sweep is not None else list(c.method.exclude)
+        exclude = list(sweep["final"]["exclude"]) if sweep is not None else list(c.method.exclude)
         trained = None
         if c.qat is not None:  # every process trains (DDP); rank 0 alone measures and writes
             exclude = broadcast_object(exclude, ctx.dist)
@@ -288,5 +288,8 @@ def _sweep_lines(sweep: dict[str, Any] | None) -> list[str]:
         lines.append(row("chosen", sweep["final"]["accuracy"], sweep["final"]["latency_ms"],
                          "float: " + ", ".join(f"`{n}`" for n in sweep["final"]["exclude"])))
     lines.append("")
-    lines.append("Layers kept float by the sweep: " + (", ".join(f"`{n}`" for n in sweep["exclude"]) or "none") + ".")
+    if sweep.get("final") and sweep["final"].get("fallback"):
+        lines.append(f"Measured together, {sweep['final']['fallback']}.")
+    chosen = sweep["final"]["exclude"] if sweep.get("final") else sweep["exclude"]
+    lines.append("Layers kept float by the sweep: " + (", ".join(f"`{n}`" for n in chosen) or "none") + ".")
     return lines
