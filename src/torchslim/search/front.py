@@ -54,12 +54,13 @@ def dominates(a: Point, b: Point) -> bool:
 
 
 def pareto_front(points: list[Point]) -> list[Point]:
-    """The non-dominated points, fastest first (duplicated plans counted once)."""
-    unique: dict[tuple, Point] = {}
-    for p in points:
-        unique.setdefault(tuple(sorted(p.plan.items())), p)
-    pts = list(unique.values())
-    front = [p for p in pts if not any(dominates(q, p) for q in pts if q is not p)]
+    """The non-dominated points, fastest first.
+
+    A plan measured twice (by the sweep and as a uniform baseline) is two points: the
+    better measurement dominates the other, and the front is checked against every
+    measurement, not a chosen one.
+    """
+    front = [p for p in points if not any(dominates(q, p) for q in points if q is not p)]
     return sorted(front, key=lambda p: p.latency_ratio)
 
 
