@@ -151,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                                      batch_sizes=(1, 256), max_samples=1000 if quick else 2000, threads=args.threads,
                                      budget_s=budget, example=test.x[:8], normalization=norm)
             files["torchslim_per_layer"] = sweep["quantized"].int8_onnx
-            every = set(sweep["exclude"]) >= set(sweep["quantized"].layers)
+            chosen = sweep["final"]["exclude"]
+            every = set(chosen) >= set(sweep["quantized"].layers)
             extra["torchslim_per_layer"] = {
-                "kept_float": sweep["exclude"], "all_layers_float": every, "sweep_seconds": time.perf_counter() - t0,
+                "kept_float": chosen, "rule_kept_float": sweep["exclude"], "fallback": sweep["final"]["fallback"],
+                "all_layers_float": every, "sweep_seconds": time.perf_counter() - t0,
                 "why": {n: v["why"] for n, v in sweep["layers"].items()},
                 "sweep": {"all_int8_ms": sweep["all_int8"]["latency_ms"], "fp32_ms": sweep["fp32"]["latency_ms"],
                           "layer_float_ms": {n: v["latency_ms"] for n, v in sweep["layers"].items()}}}
