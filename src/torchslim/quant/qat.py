@@ -50,6 +50,7 @@ from torchslim.distill import DistillConfig, DistillObjective
 from torchslim.errors import ConfigError, ModelError
 from torchslim.prune.selection import check_pattern, check_patterns_match, name_matches
 from torchslim.quant.int8 import QuantizedModel, _calibration_inputs, cpu_int8_profile, layer_node_map
+from torchslim.quant.qdq import quantizer_sites
 from torchslim.train import TrainConfig, fit
 
 #: the layer types QAT quantizes
@@ -289,72 +290,6 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
         folded.append(bn_name)
     return model, folded
-
-
-#: ops whose output stays on their input's quantization grid (ONNX Runtime runs them in int8 between Q/DQ)
-_GRID_MODULES = (nn.MaxPool2d, nn.Identity, nn.Flatten, nn.Dropout)
-_GRID_METHODS = ("view", "reshape", "flatten", "contiguous")
-_GRID_FUNCTIONS = (torch.flatten, torch.reshape)
-
-
-def _value_users(node: Any) -> list[Any]:
-    return [u for u in node.users if not (u.op == "call_method" and u.target in ("size", "dim"))]
-
-
-def quantizer_sites(model: nn.Module, names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Where the quantizers of the layers ``names`` sit, from the model's traced graph.
-
-    Returns:
-        ``(after_relu, tied)``: ``after_relu[layer]`` is the ReLU module that directly
-        follows ``layer`` (its output is quantized after the ReLU, as ONNX Runtime fuses
-        Conv/Gemm + ReLU); ``tied[layer]`` is the earlier layer whose quantized output
-        reaches ``layer`` through grid-keeping ops only (MaxPool, Flatten, Reshape,
-        Identity, Dropout), so ``layer``'s input reuses that scale. Both empty when the
-        model does not trace or calls a layer twice.
-    """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - an untraceable model keeps one quantizer per layer input and output
-        return {}, {}
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    layer_nodes = {n.target: n for n in graph.nodes if n.op == "call_module" and n.target in names}
-    if any(calls[t] != 1 for t in layer_nodes):
-        return {}, {}
-    after_relu: dict[str, str] = {}
-    point: dict[Any, str] = {}  # the node whose value is a layer's quantized output
-    for name, node in layer_nodes.items():
-        cur = node
-        while len(_value_users(cur)) == 1:
-            nxt = _value_users(cur)[0]
-            mod = modules.get(nxt.target) if nxt.op == "call_module" else None
-            if isinstance(mod, nn.Identity) and calls[nxt.target] == 1:  # a folded BatchNorm
-                cur = nxt
-                continue
-            if type(mod) is nn.ReLU and calls[nxt.target] == 1:
-                after_relu[name] = nxt.target
-                node = nxt
-            break
-        point[node] = name
-    tied: dict[str, str] = {}
-    for name, node in layer_nodes.items():
-        src = node.args[0] if node.args else None
-        while isinstance(src, torch.fx.Node):
-            if src in point:
-                tied[name] = point[src]
-                break
-            if len(_value_users(src)) != 1 or not src.args:
-                break
-            keeps = ((src.op == "call_module" and isinstance(modules.get(src.target), _GRID_MODULES))
-                     or (src.op == "call_method" and src.target in _GRID_METHODS)
-                     or (src.op == "call_function" and src.target in _GRID_FUNCTIONS))
-            if not keeps:
-                break
-            src = src.args[0]
-    return after_relu, tied
 
 
 def _reduce_range(config: QATConfig) -> bool:
