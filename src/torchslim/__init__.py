@@ -23,7 +23,7 @@ from torchslim.measure import profile
 from torchslim.pipeline import Recipe, load_recipe, resume_run, run_recipe
 from torchslim.prune import MagnitudePruning, UnstructuredPruning, finalize_, prune_
 from torchslim.prune.structured import ChannelPruning, prune_channels
-from torchslim.quant import Int8Config, PackConfig, WeightSharing, pack, quantize, share_weights_
+from torchslim.quant import Int8Config, PackConfig, QATConfig, WeightSharing, pack, qat, quantize, share_weights_
 from torchslim.train import LoggerConfig, TrainConfig, evaluate, fit, make_logger
 
 __version__ = "0.1.0"
@@ -34,6 +34,6 @@ __all__ = [
     "TrainConfig", "TrainingError", "UnstructuredPruning", "config_from_dict", "data", "derive_student", "distill",
     "evaluate",
     "export", "export_onnx", "finalize_", "fit", "load", "load_recipe", "make_logger", "measure", "models", "pipeline",
-    "PackConfig", "WeightSharing", "pack", "profile", "prune", "prune_", "prune_channels", "quant", "quantize",
+    "PackConfig", "QATConfig", "WeightSharing", "qat", "pack", "profile", "prune", "prune_", "prune_channels", "quant", "quantize",
     "resume_run", "run_recipe", "save", "share_weights_", "train",
 ]

@@ -1,4 +1,4 @@
-"""Quantization: int8 post-training quantization in ONNX Runtime (and, beside it, weight sharing).
+"""Quantization: int8 in ONNX Runtime (post-training or QAT + KD), per-layer precision, weight sharing.
 
 * :class:`Int8Config` + :func:`quantize`: static int8 in ONNX Runtime's QDQ format
   (BatchNorm folded; min-max / percentile / entropy calibration on a split;
@@ -26,6 +26,10 @@ from torchslim.quant.int8 import (
     resolved_types,
 )
 
+# quantization-aware training with distillation, and per-layer precision
+from torchslim.quant.precision import int8_layer_sweep
+from torchslim.quant.qat import QATConfig, QATModel, qat, qat_agreement
+
 # weight sharing and packing (Deep Compression): sharing.py, huffman.py, pack.py
 from torchslim.quant.pack import LayerPack, PackConfig, PackReport, pack, read_packed
 from torchslim.quant.sharing import (
@@ -51,6 +55,7 @@ __all__ = [
     "quantizable_layers",
     "quantize",
     "resolved_types",
+    "QATConfig", "QATModel", "int8_layer_sweep", "qat", "qat_agreement",
     # weight sharing and packing
     "LayerCodebook", "LayerPack", "PackConfig", "PackReport", "WeightSharing", "check_sharing", "codebooks",
     "finalize_sharing_", "is_shared", "kmeans_1d", "pack", "read_packed", "share_weights_", "shared_layers",
