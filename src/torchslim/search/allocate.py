@@ -36,7 +36,7 @@ def _lambda_grid(tables: Tables, n: int) -> list[float]:
                 if dc > 1e-12 and dd > 1e-12:  # k2 is faster (dc > 0 means k1 slower) and costs accuracy
                     slopes.append(dd / dc)
     if not slopes:
-        return [0.0, 1e9]
+        return [0.0, math.inf]
     lo, hi = min(slopes) / 2, max(slopes) * 2
     return [0.0, *np.geomspace(lo, hi, n).tolist(), math.inf]
 
