@@ -335,6 +335,8 @@ def search(
             plot_front(folder / "pareto.png", points, front, None, budget.describe(), _ylabel(payload))
         raise
     best_model, metrics = _finish(m, chosen, train, val, test, finetune, kd, seed, dense_acc)
+    if chosen.source == "dense":
+        finetune = None  # the dense model is returned as it is, so its recipe must not fine-tune it either
     recipe = None
     files: dict[str, str] = {}
     if folder is not None:
@@ -377,7 +379,7 @@ def _finish(m: Measurer, chosen: Point, train: Any, val: Any, test: Any, finetun
     val_acc = accuracy(model, val.x, val.y)
     return model, {"val_accuracy": val_acc, "val_drop": 100 * (dense_acc - val_acc),
                    "test_accuracy": accuracy(model, test.x, test.y) if test is not None else None,
-                   "finetune_epochs": finetune.epochs if finetune is not None else 0}
+                   "finetune_epochs": finetune.epochs if finetune is not None and chosen.source != "dense" else 0}
 
 
 def _write(folder: Path, m: Measurer, model: nn.Module, best: nn.Module, chosen: Point, points: list[Point],
