@@ -14,7 +14,7 @@ measured and exported::
 
 # ``distill`` is the package torchslim.distill, which is callable: ts.distill(...) is the
 # verb and ``import torchslim.distill`` the package, whatever the import order (see its docstring).
-from torchslim import data, distill, export, measure, models, pipeline, prune, quant, train  # noqa: F401
+from torchslim import data, distill, export, measure, models, pipeline, prune, quant, search, train  # noqa: F401
 from torchslim.config import Config, config_from_dict
 from torchslim.distill import AttentionConfig, DistillConfig, DKDConfig, HintConfig, KDConfig, derive_student
 from torchslim.errors import ConfigError, DataError, ExportError, ModelError, TorchSlimError, TrainingError
@@ -24,16 +24,17 @@ from torchslim.pipeline import Recipe, load_recipe, resume_run, run_recipe
 from torchslim.prune import MagnitudePruning, UnstructuredPruning, finalize_, prune_
 from torchslim.prune.structured import ChannelPruning, prune_channels
 from torchslim.quant import Int8Config, PackConfig, QATConfig, WeightSharing, pack, qat, quantize, share_weights_
+from torchslim.search import Budget, SearchSpace
 from torchslim.train import LoggerConfig, TrainConfig, evaluate, fit, make_logger
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionConfig", "ChannelPruning", "Config", "ConfigError", "DKDConfig", "DataError", "DistillConfig",
+    "AttentionConfig", "Budget", "ChannelPruning", "Config", "ConfigError", "DKDConfig", "DataError", "DistillConfig",
     "ExportError", "HintConfig", "Int8Config", "KDConfig", "MagnitudePruning", "ModelError", "Recipe", "TorchSlimError",
     "TrainConfig", "TrainingError", "UnstructuredPruning", "config_from_dict", "data", "derive_student", "distill",
     "evaluate",
     "export", "export_onnx", "finalize_", "fit", "load", "load_recipe", "make_logger", "measure", "models", "pipeline",
     "PackConfig", "QATConfig", "WeightSharing", "qat", "pack", "profile", "prune", "prune_", "prune_channels", "quant", "quantize",
-    "resume_run", "run_recipe", "save", "share_weights_", "train",
+    "resume_run", "run_recipe", "save", "search", "SearchSpace", "share_weights_", "train",
 ]
