@@ -94,3 +94,12 @@ def test_distill_logs_loss_parts_and_improves_the_student(tiny_cnn, blobs):
     for key in ("train_loss", "train_task_loss", "train_kd_loss"):
         assert all(math.isfinite(r[key]) for r in records)
     assert evaluate(student, blobs)["accuracy"] > before
+
+
+def test_logit_defaults_are_the_robustness_benchmarks_choice():
+    # benchmarks/robustness.py (see benchmarks/README.md): T = 4, alpha = 0.1 and DKD's beta = 8 left
+    # small students below the same student trained alone at 1-3 epochs.
+    from torchslim.distill import DKDConfig
+
+    assert (KDConfig().temperature, KDConfig().alpha) == (2.0, 0.5)
+    assert (DKDConfig().temperature, DKDConfig().tckd_weight, DKDConfig().nckd_weight) == (4.0, 1.0, 1.0)

@@ -146,7 +146,7 @@ def test_describe_gives_the_report_method_temperature_and_weights():
     }
     dkd = DistillConfig(logits=DKDConfig(), attention=AttentionConfig())
     assert dkd.describe()["method"] == "dkd+attention" and "alpha" not in dkd.describe()
-    assert dkd.weights() == {"task_loss": 1.0, "tckd_loss": 1.0, "nckd_loss": 8.0, "attention_loss": 1000.0}
+    assert dkd.weights() == {"task_loss": 1.0, "tckd_loss": 1.0, "nckd_loss": 1.0, "attention_loss": 1000.0}
 
 
 def test_logits_config_is_picked_by_method_and_defaults_to_kd():

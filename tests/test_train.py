@@ -179,3 +179,23 @@ def test_stop_flag_is_reduced_on_the_training_device(monkeypatch):
     with pytest.raises(Reduced) as got:
         loop._stop_everywhere(loop._StopRequest(), loop.DistContext(0, 2), None, torch.device("meta"))
     assert got.value.args == (torch.device("meta"),)
+
+
+def test_default_schedule_follows_the_budget():
+    # Chosen in benchmarks/robustness.py (see benchmarks/README.md): cosine to zero halves the average
+    # learning rate of short fine-tunes and distillations; it wins from scratch at 10 epochs.
+    assert [TrainConfig(epochs=e).schedule for e in (1, 3, 4, 10)] == ["constant", "constant", "cosine", "cosine"]
+    assert TrainConfig(epochs=1, schedule="cosine").schedule == "cosine"
+    assert TrainConfig(epochs=10, schedule="constant").schedule == "constant"
+    long = TrainConfig(**{**TrainConfig().model_dump(exclude_unset=True), "epochs": 10})
+    assert long.schedule == "cosine"  # an unset schedule is chosen again for the new budget
+    assert TrainConfig.model_validate(TrainConfig(epochs=10).model_dump()) == TrainConfig(epochs=10)
+    history = fit(torch.nn.Linear(4, 2), _blobs_for_default(), TrainConfig(epochs=2, batch_size=8), progress=False)
+    assert [r["lr"] for r in history] == [TrainConfig().lr] * 2
+
+
+def _blobs_for_default():
+    from torchslim.data import TensorSplit
+
+    g = torch.Generator().manual_seed(0)
+    return TensorSplit(torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g))

@@ -159,7 +159,8 @@ def distill(
     cfg = as_distill_config(config)
     train_config = train_config or TrainConfig()
     if epochs is not None:
-        train_config = TrainConfig(**{**train_config.model_dump(), "epochs": epochs})
+        # Only the fields set by hand carry over, so a default schedule follows the new epochs.
+        train_config = TrainConfig(**{**train_config.model_dump(exclude_unset=True), "epochs": epochs})
     check_distill_layers(student, teacher, cfg)  # a misspelt layer fails before anything runs
     with frozen_teacher(teacher):
         _check_outputs(student, teacher, train.x[:2])  # before a teacher pass over the whole dataset
