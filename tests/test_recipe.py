@@ -29,6 +29,7 @@ def _instance(cls: type[Config]) -> Config:
         "DistillStage": {"teacher": "teacher", "train": {"epochs": 2}},
         "FinetuneStage": {"train": {"epochs": 1}},
         "AGPSchedule": {"final_sparsity": 0.9, "end_step": 100},
+        "Budget": {"max_drop": 0.5},
     }
     return cls.model_validate(required.get(cls.__name__, {}))
 

@@ -79,8 +79,8 @@ class DistillSectionV1(Config):
     """Distill the teacher into the student.
 
     Attributes:
-        kd: Hinton KD's temperature and alpha (the short form; default T = 4, alpha = 0.1
-            when neither ``kd`` nor ``objective`` is given).
+        kd: Hinton KD's temperature and alpha (the short form; ``KDConfig``'s defaults when
+            neither ``kd`` nor ``objective`` is given).
         objective: any distillation objective (:class:`~torchslim.distill.DistillConfig`:
             ``logits`` KD or DKD, ``hints``, ``attention``, ``teacher_outputs`` cached or
             online); replaces ``kd``.
