@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HAVE_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists() or bool(
     os.environ.get("TORCHSLIM_DATA"))
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # subprocess runs of the CLI: tens of seconds; CI runs them
 
 
 def _recipe() -> dict:

@@ -103,6 +103,7 @@ def _max_weight_diff(state: dict[str, torch.Tensor], other: dict[str, list]) -> 
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # a subprocess or a long example: CI runs it
 def test_uneven_batches_match_one_process_without_batchnorm(two_ranks):
     history, state = _single(batchnorm=False)
     got = two_ranks["False"]
@@ -114,6 +115,7 @@ def test_uneven_batches_match_one_process_without_batchnorm(two_ranks):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # a subprocess or a long example: CI runs it
 def test_uneven_batches_with_batchnorm_within_the_stated_tolerance(two_ranks):
     history, state = _single(batchnorm=True)
     got = two_ranks["True"]

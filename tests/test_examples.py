@@ -3,6 +3,8 @@
 import runpy
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -15,6 +17,7 @@ def test_distill_and_prune_example(tmp_path):
     assert (tmp_path / "student.slim").stat().st_size == result["file_bytes"]
 
 
+@pytest.mark.slow  # a subprocess or a long example: CI runs it
 def test_prune_your_own_model_example(tmp_path):
     module = runpy.run_path(str(EXAMPLES / "prune_your_own_model.py"))
     result = module["main"](tmp_path)

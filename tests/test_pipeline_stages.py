@@ -280,6 +280,7 @@ def test_bad_prune_and_distill_sections_name_the_problem(doc, match):
 
 
 # ------------------------------------------------------------------- sensitivity
+@pytest.mark.slow  # a subprocess or a long example: CI runs it
 def test_sensitivity_cli_analyses_the_model_before_pruning_and_leaves_it_unchanged(tmp_path):
     doc = _recipe("sens", teacher=TEACHER, prune={"sparsity": 0.8})
     recipe = tmp_path / "sens.yaml"

@@ -15,7 +15,7 @@ import yaml
 
 import torchslim as ts
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # subprocess runs of the CLI: tens of seconds; CI runs them
 
 TRAIN = {"epochs": 25, "lr": 0.002, "batch_size": 32}
 RECIPE = {

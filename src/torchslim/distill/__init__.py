@@ -18,7 +18,7 @@ Example:
     >>> from torchslim.distill import DistillConfig, DKDConfig, HintConfig
     >>> cfg = DistillConfig(logits=DKDConfig(temperature=4.0), hints=HintConfig(weight=1.0))
     >>> cfg.describe()["weights"]
-    {'task_loss': 1.0, 'tckd_loss': 1.0, 'nckd_loss': 8.0, 'hint_loss': 1.0}
+    {'task_loss': 1.0, 'tckd_loss': 1.0, 'nckd_loss': 1.0, 'hint_loss': 1.0}
 """
 
 import inspect as _inspect
