@@ -15,7 +15,7 @@ from torchslim.pipeline.recipe import Recipe, factories, load_recipe, recipe_to_
 from torchslim.pipeline.rundir import RunDir
 from torchslim.pipeline.runner import Runner
 from torchslim.pipeline.store import Store
-from torchslim.train.distributed import broadcast_object, init_distributed, shutdown
+from torchslim.train.distributed import barrier, broadcast_object, init_distributed, shutdown
 
 
 def make_context(recipe: Recipe, run: RunDir, dist: Any, device: torch.device, *, store: str | Path | None = None,
@@ -69,6 +69,7 @@ def _session(recipe: Recipe, run: RunDir, dist: Any, device: torch.device, store
             finally:
                 if ctx.logger is not None:
                     ctx.logger.close()
+        barrier(dist)  # finished: every rank leaves the group together (gloo aborts a rank left talking)
     finally:
         torch.set_num_threads(threads)
         shutdown(dist)
