@@ -47,9 +47,9 @@ from pydantic import Field, field_validator
 from torchslim.config import Config
 from torchslim.core.masks import effective_weight, is_masked
 from torchslim.distill import DistillConfig, DistillObjective
-from torchslim.errors import ConfigError, ModelError
-from torchslim.prune.selection import check_pattern, check_patterns_match, name_matches
-from torchslim.quant.int8 import QuantizedModel, _calibration_inputs, cpu_int8_profile, layer_node_map
+from torchslim.errors import ModelError
+from torchslim.prune.selection import check_patterns_match, name_matches
+from torchslim.quant.int8 import Int8Config, QuantizedModel, _calibration_inputs, cpu_int8_profile, layer_node_map
 from torchslim.quant.qdq import quantizer_sites
 from torchslim.train import TrainConfig, fit
 
@@ -93,15 +93,7 @@ class QATConfig(Config):
     objective: DistillConfig = Field(default_factory=DistillConfig)
     opset: int | None = Field(None, ge=13, le=30)
 
-    @field_validator("exclude")
-    @classmethod
-    def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in value:
-            try:
-                check_pattern(pattern)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+    _patterns = field_validator("exclude")(Int8Config._patterns.__func__)  # the same check as int8's
 
 
 # ----------------------------------------------------------------- quantizers
