@@ -76,15 +76,15 @@ import torch.nn as nn
 
 from torchslim.atomic import atomic_write_bytes
 from torchslim.core.masks import apply_mask_
-from torchslim.core.transforms import log_for_save, replay_
+from torchslim.core.transforms import replay_
 from torchslim.errors import ExportError, TorchSlimError
-from torchslim.models import build_from_spec, get_spec
+from torchslim.models import build_from_spec
 from torchslim.models.registry import SPEC_ATTR
 
 from torchslim.export.slim_header import (  # noqa: F401  (re-exported: the format's names live there)
     BITMASK_SUFFIX, FORMAT, HEADER_KEY, MAX_INPUT_ELEMENTS, PACKED_MAGIC, VALUES_SUFFIX, VERSION, _check_spec,
     _digest, _infer_input_shape, _open, _open_error, _packed_reader, _parse_header, _sniff, check_input_shape,
-    check_normalization,
+    check_normalization, header_fields,
     read_metadata,
 )
 from torchslim.export.slim_tensors import _check_stored, _decode_all, _encode, effective_state  # noqa: F401
@@ -143,16 +143,7 @@ def save(
         'lenet.slim'
         >>> reloaded = ts.export.load(path)  # masks included
     """
-    spec = spec if spec is not None else get_spec(model)
-    if spec is not None:
-        _check_spec(spec)
-    input_shape = _infer_input_shape(spec) if input_shape is None else check_input_shape(input_shape)
-    if normalization is not None:
-        normalization = check_normalization(normalization, input_shape)
-    try:
-        log = log_for_save(model)
-    except TorchSlimError as exc:
-        raise ExportError(f"cannot save to {os.fspath(path)!r}: the model's transform log is invalid: {exc}") from exc
+    spec, input_shape, normalization, log = header_fields(model, path, spec, input_shape, normalization, "save")
 
     state, masks = effective_state(model)
     entries: dict[str, Any] = {}

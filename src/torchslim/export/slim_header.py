@@ -288,3 +288,27 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def header_fields(model: Any, path: Any, spec: dict[str, Any] | None, input_shape: Any, normalization: Any,
+                  action: str) -> tuple[dict[str, Any] | None, list[int] | None, Any, list[dict[str, Any]]]:
+    """The checked spec, input shape, normalization and transform log a file about ``model`` will hold.
+
+    Shared by :func:`torchslim.export.save` and the packed writer, so both refuse the same bad input.
+    ``action`` ("save", "pack") names the operation in the error.
+    """
+    from torchslim.core.transforms import log_for_save  # noqa: PLC0415
+    from torchslim.models import get_spec  # noqa: PLC0415
+
+    spec = spec if spec is not None else get_spec(model)
+    if spec is not None:
+        _check_spec(spec)
+    input_shape = _infer_input_shape(spec) if input_shape is None else check_input_shape(input_shape)
+    if normalization is not None:
+        normalization = check_normalization(normalization, input_shape)
+    try:
+        log = log_for_save(model)
+    except TorchSlimError as exc:
+        raise ExportError(f"cannot {action} to {os.fspath(path)!r}: the model's transform log is invalid: "
+                          f"{exc}") from exc
+    return spec, input_shape, normalization, log

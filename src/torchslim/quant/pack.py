@@ -56,11 +56,10 @@ from pydantic import Field
 
 from torchslim.atomic import atomic_write_bytes
 from torchslim.config import Config
-from torchslim.core.transforms import check_log, log_for_save, masked_names
+from torchslim.core.transforms import check_log, masked_names
 from torchslim.errors import ConfigError, ExportError, TorchSlimError
-from torchslim.export.slim import (PACKED_MAGIC, _check_spec, _infer_input_shape, check_input_shape,
-                                   check_normalization, effective_state)
-from torchslim.models import get_spec
+from torchslim.export.slim import (PACKED_MAGIC, _check_spec, check_input_shape, check_normalization,
+                                   effective_state, header_fields)
 from torchslim.quant import huffman
 from torchslim.quant.sharing import CODEBOOKS_ATTR, finalize_sharing_, shared_layers
 
@@ -415,16 +414,7 @@ def pack(model: nn.Module, path: str | os.PathLike, config: PackConfig | None = 
     if shared_layers(model):
         model = copy.deepcopy(model)
         finalize_sharing_(model)
-    spec = spec if spec is not None else get_spec(model)
-    if spec is not None:
-        _check_spec(spec)
-    input_shape = _infer_input_shape(spec) if input_shape is None else check_input_shape(input_shape)
-    if normalization is not None:
-        normalization = check_normalization(normalization, input_shape)
-    try:
-        log = log_for_save(model)
-    except TorchSlimError as exc:
-        raise ExportError(f"cannot pack to {os.fspath(path)!r}: the model's transform log is invalid: {exc}") from exc
+    spec, input_shape, normalization, log = header_fields(model, path, spec, input_shape, normalization, "pack")
     hints = {k: v.get("bits") for k, v in (getattr(model, CODEBOOKS_ATTR, None) or {}).items()}
     state, masks = effective_state(model)
     entries, payload, layers = {}, [], []
