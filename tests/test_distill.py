@@ -103,3 +103,34 @@ def test_logit_defaults_are_the_robustness_benchmarks_choice():
 
     assert (KDConfig().temperature, KDConfig().alpha) == (2.0, 0.5)
     assert (DKDConfig().temperature, DKDConfig().tckd_weight, DKDConfig().nckd_weight) == (4.0, 1.0, 1.0)
+
+
+def test_dkd_warm_up_ramps_the_kd_terms_along_the_epochs_fit_reports():
+    from torchslim.distill import DKDConfig, DistillObjective
+    from torchslim.train import fit
+    from torchslim.data import TensorSplit
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3).eval()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with DistillObjective(student, teacher, DKDConfig(warmup_epochs=2.0)) as objective:
+        _, full = objective(student, x, y)  # outside fit: the full weights
+        assert full["loss"].item() == pytest.approx((full["task_loss"] + full["tckd_loss"] + full["nckd_loss"]).item())
+        objective.begin_step(0.5)
+        _, quarter = objective(student, x, y)
+        kd = quarter["tckd_loss"] + quarter["nckd_loss"]
+        assert quarter["loss"].item() == pytest.approx((quarter["task_loss"] + 0.25 * kd).item())
+        objective.begin_step(3.0)
+        assert objective(student, x, y)[1]["loss"].item() == pytest.approx(full["loss"].item())
+
+    seen = []
+
+    class Recording(DistillObjective):
+        def begin_step(self, epochs_done):
+            seen.append(epochs_done)
+            super().begin_step(epochs_done)
+
+    train = TensorSplit(torch.randn(12, 4), torch.randint(0, 3, (12,)))
+    with Recording(student, teacher, DKDConfig()) as objective:
+        fit(student, train, TrainConfig(epochs=2, batch_size=4), objective=objective, progress=False)
+    assert seen == pytest.approx([1 / 3, 2 / 3, 1.0, 4 / 3, 5 / 3, 2.0])

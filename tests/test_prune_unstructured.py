@@ -52,7 +52,7 @@ def _rank(scores: torch.Tensor, index: tuple[int, int]) -> int:
     return int((order == flat).nonzero())
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2"])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "lamp"])
 def test_magnitude_criteria_rank_a_planted_small_weight_last(criterion):
     torch.manual_seed(0)
     layer = nn.Linear(6, 3)
@@ -60,6 +60,29 @@ def test_magnitude_criteria_rank_a_planted_small_weight_last(criterion):
         layer.weight[1, 4] = 1e-6
     scores = compute_scores([("fc", layer)], criterion, ImportanceContext())[0]
     assert _rank(scores, (1, 4)) == 0
+
+
+def test_lamp_scores_by_hand_and_keep_a_small_weight_layer_alive_at_high_sparsity():
+    layer = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, 0.5]]))
+    scores = compute_scores([("fc", layer)], "lamp", ImportanceContext())[0].flatten().tolist()
+    # squares 1, 4, 9, 0.25; each over the sum of the squares at least as large
+    assert scores == pytest.approx([1 / 14, 4 / 13, 1.0, 0.25 / 14.25])
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+        with torch.no_grad():
+            m[2].weight.mul_(1e-3)  # a layer of small weights: global |w| takes it all first
+        return m
+
+    by_l1, by_lamp = model(), model()
+    prune_(by_l1, UnstructuredPruning(sparsity=0.9, min_kept=0))
+    prune_(by_lamp, UnstructuredPruning(sparsity=0.9, min_kept=0, criterion="lamp"))
+    assert layer_sparsity(by_l1)["2"]["sparsity"] == 1.0
+    assert layer_sparsity(by_lamp)["2"]["sparsity"] < 0.95
+    assert global_sparsity(by_lamp) == pytest.approx(0.9, abs=1 / (64 * 64 + 64 * 8))
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "snip"])

@@ -28,6 +28,8 @@ from torchslim.config import Config, tagged_union
 
 #: The range a config accepts; the pure loss functions accept more (see ``losses``).
 TEMPERATURE_RANGE = (0.1, 100.0)
+#: DKD's default warm-up, in epochs (see ``benchmarks/README.md``, robustness section).
+WARMUP_EPOCHS = 0.0
 
 
 class KDConfig(Config):
@@ -75,6 +77,10 @@ class DKDConfig(Config):
         task_weight: weight of the hard-label cross-entropy.
         tckd_weight: weight of the target-class term (paper: α).
         nckd_weight: weight of the non-target-class term (paper: β).
+        warmup_epochs: the TCKD and NCKD weights ramp linearly from 0 to their values over
+            this many epochs of training (the paper warms up over 20 of 240 epochs); 0 turns
+            the ramp off. Applied when ``fit`` trains (it tells the objective where it is);
+            a hand-written loop gets the full weights from the first step.
     """
 
     method: Literal["dkd"] = "dkd"
@@ -82,6 +88,7 @@ class DKDConfig(Config):
     task_weight: float = Field(1.0, ge=0.0)
     tckd_weight: float = Field(1.0, ge=0.0)
     nckd_weight: float = Field(1.0, ge=0.0)
+    warmup_epochs: float = Field(WARMUP_EPOCHS, ge=0.0, le=1000.0)
 
 
 def _check_layer_pairs(layers: dict[str, str]) -> dict[str, str]:

@@ -21,6 +21,7 @@ them (and the hooks), leaving the student as it was built.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -119,6 +120,7 @@ class DistillObjective:
         self.label_smoothing = label_smoothing
         self._recorder: IndexedInputs | None = None
         self._cache_device: torch.device | None = None
+        self._epochs_done = math.inf  # full loss weights unless fit says where training is (begin_step)
         cfg = self.config
         self._teacher_layers = cfg.teacher_layers()
         self._student_layers = tuple(dict.fromkeys(
@@ -204,6 +206,12 @@ class DistillObjective:
             delattr(self.student, ADAPTERS_ATTR)
         self._adapters = None
 
+    def begin_step(self, epochs_done: float) -> None:
+        """Called by ``fit`` before each optimizer step with the epochs trained so far
+        (fractional: 2.5 is halfway through the third); DKD's warm-up reads it. A
+        function of the position alone, so a resumed run ramps exactly as an unbroken one."""
+        self._epochs_done = epochs_done
+
     def __enter__(self) -> "DistillObjective":
         return self
 
@@ -246,8 +254,9 @@ class DistillObjective:
             d = cfg.logits
             task = F.cross_entropy(student_logits.float(), y, label_smoothing=self.label_smoothing)
             parts = {"task_loss": task, **dkd_loss(student_logits, teacher["logits"], y, d.temperature)}
-            parts["loss"] = (d.task_weight * task + d.tckd_weight * parts["tckd_loss"]
-                             + d.nckd_weight * parts["nckd_loss"])
+            ramp = min(1.0, self._epochs_done / d.warmup_epochs) if d.warmup_epochs > 0 else 1.0
+            parts["loss"] = (d.task_weight * task + ramp * (d.tckd_weight * parts["tckd_loss"]
+                                                            + d.nckd_weight * parts["nckd_loss"]))
 
         if cfg.hints is not None:
             terms = []

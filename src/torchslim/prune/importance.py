@@ -219,6 +219,25 @@ def l2_scores(module: nn.Module, name: str, context: ImportanceContext) -> torch
     return effective_weight(module).detach().float().pow(2)
 
 
+@register_criterion("lamp")
+def lamp_scores(module: nn.Module, name: str, context: ImportanceContext) -> torch.Tensor:
+    """LAMP (Lee et al., ICLR 2021): ``w_u**2 / sum(w_v**2 for |w_v| >= |w_u|)`` within the layer.
+
+    Each weight's square is divided by the mass of the weights at least as large in
+    its own layer, so scores are comparable across layers: a global threshold on them
+    leaves every layer a share of its largest weights, where a global threshold on
+    ``|w|`` empties layers with small weights. The largest weight of a layer scores 1.
+    """
+    w2 = effective_weight(module).detach().float().pow(2).flatten()
+    order = torch.argsort(w2)
+    sorted_w2 = w2[order]
+    # tail[i] = sum of sorted_w2[i:], the mass at or above the i-th smallest weight.
+    tail = sorted_w2.flip(0).cumsum(0).flip(0)
+    scores = torch.empty_like(w2)
+    scores[order] = sorted_w2 / tail.clamp_min(torch.finfo(torch.float32).tiny)
+    return scores.view_as(effective_weight(module))
+
+
 @register_criterion("taylor", needs_gradients=True)
 def taylor_scores(module: nn.Module, name: str, context: ImportanceContext) -> torch.Tensor:
     """First-order Taylor sensitivity ``|w * dL/dw|``, averaged over the context's batches."""

@@ -46,7 +46,9 @@ class Objective(Protocol):
 
     An objective whose class sets ``uses_index = True`` is also called with
     ``index=``: the batch's row numbers in the training split (a distillation
-    objective looks cached teacher outputs up by them).
+    objective looks cached teacher outputs up by them). One with a ``begin_step(epochs_done)``
+    method is told, before each optimizer step, how many epochs (fractional) training
+    will have done after it (DKD's warm-up ramps on it).
     """
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
@@ -260,6 +262,7 @@ def fit(
     dist = dist or DistContext.from_env()
     objective = objective or CrossEntropyObjective(config.label_smoothing)
     pass_index = bool(getattr(objective, "uses_index", False))
+    begin_step = getattr(objective, "begin_step", None)  # objectives that change along training (DKD warm-up)
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     if log_every_steps is not None and (isinstance(log_every_steps, bool) or not isinstance(log_every_steps, int)
@@ -359,6 +362,8 @@ def fit(
                 share = len(idx) * dist.world_size / len(batch_idx)
                 x = train.x[idx].to(device, non_blocking=True)
                 y = train.y[idx].to(device, non_blocking=True)
+                if begin_step is not None:
+                    begin_step(epoch + (step + 1) / steps_per_epoch)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     if pass_index:
                         logits, parts = objective(train_model, x, y, index=idx)
