@@ -170,3 +170,33 @@ def test_a_shared_model_checkpoints_and_resumes_into_the_same_shared_model(tmp_p
     share_weights_(again, WeightSharing(linear_bits=3))
     fit(again, Split(), TrainConfig(epochs=1, batch_size=32), checkpoint_path=path, progress=False)  # resumes: done
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_biases_share_their_own_codebook_fine_tune_and_pack_bit_exactly(tmp_path):
+    from torchslim.quant.pack import pack
+
+    model = _tiny()
+    share_weights_(model, WeightSharing(linear_bits=3, bias_bits=2))
+    books = codebooks(model)
+    assert {"classifier.0.bias", "classifier.4.bias"} <= set(books) and books["classifier.0.bias"].bits == 2
+    before = books["classifier.0.bias"].codebook
+    fit(model, Split(), TrainConfig(epochs=1, batch_size=16, lr=0.01), progress=False)
+    assert not torch.equal(codebooks(model)["classifier.0.bias"].codebook, before)  # fine-tuned too
+    copy.deepcopy(model)
+    finalize_sharing_(model)
+    for module in (m for m in model.modules() if isinstance(m, nn.Linear)):
+        assert _distinct_nonzero(module.bias) <= 4 and is_masked(module)  # the weight's mask came back
+        assert {n for n, _ in module.named_parameters()} == {"bias", "weight_orig"}
+    report = pack(model.eval(), tmp_path / "m.packed.slim")
+    rows = {r.name: r for r in report.layers}
+    assert rows["classifier.0.bias"].values == "codebook" and rows["classifier.0.bias"].weight_bits == 2
+    mine, theirs = model.state_dict(), ts.load(tmp_path / "m.packed.slim").state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_bias_bits_are_checked_and_a_layer_without_bias_is_skipped():
+    with pytest.raises(ValueError, match="bias_bits"):
+        WeightSharing(bias_bits=0)
+    layer = nn.Linear(6, 4, bias=False)
+    share_weights_(nn.Sequential(layer), WeightSharing(bias_bits=3))
+    assert set(codebooks(nn.Sequential(layer))) == {"0.weight"}
