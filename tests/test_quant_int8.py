@@ -30,6 +30,13 @@ def data():
     return split, model
 
 
+@pytest.fixture(scope="module")
+def base(data):
+    """The module's model quantized once; tests that need another int8 file reuse its fp32 export."""
+    split, model = data
+    return quantize(model, Int8Config(calibration_samples=64), calib=split)
+
+
 def _cpuinfo(tmp_path, flags: str):
     path = tmp_path / "cpuinfo"
     path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
@@ -84,17 +91,17 @@ def test_static_int8_runs_in_ort_close_to_float_and_leaves_the_model_unchanged(d
 
 @pytest.mark.parametrize("config", [Int8Config(calibration="percentile", calibration_samples=64, per_channel=True),
                                     Int8Config(calibration="entropy", calibration_samples=64)])
-def test_percentile_entropy_and_per_channel(data, config):
+def test_percentile_entropy_and_per_channel(data, base, config):
     split, model = data
-    q = quantize(model, config, calib=split)
+    q = quantize(model, config, calib=split, fp32_onnx=base.fp32_onnx)
     assert abs(q.evaluate(split)["accuracy"] - q.evaluate(split, precision="fp32")["accuracy"]) <= 0.05
     assert q.describe()["calibration"] == config.calibration
 
 
-def test_excluded_layers_stay_float(data):
+def test_excluded_layers_stay_float(data, base):
     split, model = data
     q = quantize(model, Int8Config(calibration_samples=32, exclude=["classifier.3", "re:features\\.(0|3)"]),
-                 calib=split)
+                 calib=split, fp32_onnx=base.fp32_onnx)
     assert q.excluded == ["features.0", "features.3", "classifier.3"]
     graph = onnx.load_from_string(q.int8_onnx).graph
     kept = {q.layers[n] for n in q.excluded}
@@ -134,9 +141,12 @@ def test_ort_latency_and_alternated_comparison(data, tmp_path):
         ort_latency(tmp_path / "missing.onnx", (1, 8, 8))
 
 
-def test_layer_sweep_measures_each_layer_kept_float_and_builds_an_exclude_list():
+def test_layer_sweep_measures_each_layer_kept_float_and_builds_an_exclude_list(monkeypatch):
     from torchslim.quant.precision import int8_layer_sweep
 
+    exports = []
+    real = ts.export.export_onnx
+    monkeypatch.setattr(ts.export, "export_onnx", lambda *a, **k: exports.append(1) or real(*a, **k))
     gen = torch.Generator().manual_seed(1)
     split = types.SimpleNamespace(x=torch.randn(96, 1, 8, 8, generator=gen),
                                   y=torch.randint(0, 3, (96,), generator=gen))
@@ -146,3 +156,28 @@ def test_layer_sweep_measures_each_layer_kept_float_and_builds_an_exclude_list()
     for name, row in sweep["layers"].items():
         assert row["keep_float"] == (name in sweep["exclude"]) and set(row["latency_ms"]) == {"4"}
     assert 0.0 <= sweep["all_int8"]["accuracy"] <= 1.0 and isinstance(sweep["int8_slower_than_fp32"], bool)
+    # One export serves every file of the sweep, and its parity check stays on the result.
+    assert len(exports) == 1 and sweep["quantized"].export["max_abs_diff"] is not None
+
+
+def test_a_given_fp32_export_is_quantized_without_exporting_again(data, base, tmp_path, monkeypatch):
+    split, model = data
+    first = base
+
+    def no_export(*_a, **_k):
+        raise AssertionError("quantize exported the model although fp32_onnx was given")
+
+    monkeypatch.setattr(ts.export, "export_onnx", no_export)
+    (tmp_path / "m.fp32.onnx").write_bytes(first.fp32_onnx)
+    for given in (first.fp32_onnx, tmp_path / "m.fp32.onnx"):
+        q = quantize(model, Int8Config(calibration_samples=64, exclude=["features.0"]), calib=split, fp32_onnx=given)
+        assert q.fp32_onnx == first.fp32_onnx and q.excluded == ["features.0"] and q.layers == first.layers
+        assert abs(q.evaluate(split)["accuracy"] - first.evaluate(split)["accuracy"]) <= 0.03
+    with pytest.raises(ModelError, match="fp32_onnx is not an ONNX model"):
+        quantize(model, Int8Config(calibration_samples=16), calib=split, fp32_onnx=b"not an onnx file")
+    with pytest.raises(ModelError, match="fp32_onnx: cannot read"):
+        quantize(model, Int8Config(calibration_samples=16), calib=split, fp32_onnx=tmp_path / "missing.onnx")
+    other = ts.models.create("lenet300_100", hidden1=16, hidden2=8, input_size=8, num_classes=3)
+    with pytest.raises(ModelError, match="cannot map layer names"):  # an export of another model
+        quantize(other, Int8Config(calibration_samples=16), calib=split, fp32_onnx=first.fp32_onnx)
+

@@ -362,10 +362,36 @@ class QuantizedModel:
         }
 
 
+def _given_fp32(source: bytes | str | os.PathLike, dest: Path) -> dict[str, Any]:
+    """Copy an fp32 export passed to :func:`quantize` to ``dest``, checking that ONNX can read it."""
+    import onnx  # noqa: PLC0415
+
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise ModelError(f"fp32_onnx: cannot read {os.fspath(source)!r} ({exc}); pass the fp32 ONNX file "
+                             "exported from this model, or leave fp32_onnx unset to export it here") from None
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception as exc:  # onnx raises DecodeError and others for a file that is not ONNX
+        raise ModelError(f"fp32_onnx is not an ONNX model ({type(exc).__name__}: {exc}); pass the fp32 "
+                         "ONNX file exported from this model, or leave fp32_onnx unset") from None
+    if not proto.graph.node:
+        raise ModelError("fp32_onnx has an empty graph; pass the fp32 ONNX file exported from this model")
+    dest.write_bytes(data)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    # The parity check ran when that file was exported; it is not repeated here.
+    return {"opset": opset, "bytes": len(data), "max_abs_diff": None, "exporter": "given (fp32_onnx)"}
+
+
 # ----------------------------------------------------------------- the verb
 def quantize(model: nn.Module, config: Int8Config | None = None, *, calib: Any = None,
              example: torch.Tensor | None = None, workdir: str | os.PathLike | None = None,
-             normalization: dict[str, Any] | None = None) -> QuantizedModel:
+             normalization: dict[str, Any] | None = None,
+             fp32_onnx: bytes | str | os.PathLike | None = None) -> QuantizedModel:
     """Quantize a model to int8 in ONNX Runtime; returns a new :class:`QuantizedModel` (``model`` is unchanged).
 
     Args:
@@ -376,10 +402,16 @@ def quantize(model: nn.Module, config: Int8Config | None = None, *, calib: Any =
         example: an input with the batch first, for the export (default: the first calibration inputs).
         workdir: also write ``model.fp32.onnx`` and ``model.int8.onnx`` here.
         normalization: ``{"mean", "std"}`` the model expects, recorded in the ONNX metadata.
+        fp32_onnx: an fp32 ONNX export of ``model`` already made (bytes or a path, e.g. an
+            earlier result's ``fp32_onnx``): used as it is instead of exporting again, so
+            several quantizations of one model (the per-layer sweep) pay for one export.
+            Its Conv/Gemm/MatMul nodes must line up with the model's layers; ``config.opset``
+            and ``normalization`` are then those of the given file.
 
     Raises:
         ConfigError: a bad ``exclude`` pattern or dynamic mode on a model with convolutions.
-        ModelError: no calibration data for static mode, or layer names cannot be mapped.
+        ModelError: no calibration data for static mode, layer names cannot be mapped,
+            or ``fp32_onnx`` is not a readable ONNX model of ``model``.
         ExportError: onnx/onnxruntime missing or the export failed its parity check.
 
     Example:
@@ -411,7 +443,10 @@ def quantize(model: nn.Module, config: Int8Config | None = None, *, calib: Any =
     float_model = copy.deepcopy(model).cpu().eval()
     with tempfile.TemporaryDirectory(prefix="torchslim-int8-") as tmp:
         fp32, pre, int8 = Path(tmp) / "model.fp32.onnx", Path(tmp) / "model.pre.onnx", Path(tmp) / "model.int8.onnx"
-        info = export_onnx(float_model, example[:8], fp32, opset=config.opset, normalization=normalization)
+        if fp32_onnx is None:
+            info = export_onnx(float_model, example[:8], fp32, opset=config.opset, normalization=normalization)
+        else:
+            info = _given_fp32(fp32_onnx, fp32)
         proto = onnx.load(os.fspath(fp32))
         layers = layer_node_map(float_model, example, proto)
         nodes_to_exclude = [layers[n] for n in excluded]

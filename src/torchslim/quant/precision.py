@@ -7,8 +7,9 @@ timed in alternation). The rule: keep a layer float when keeping it float makes
 the model faster at some measured batch size (by more than ``latency_tol``) or
 more accurate (by more than ``accuracy_tol``). Its ``exclude`` list goes into
 :class:`~torchslim.quant.Int8Config` (or a recipe's ``quantize.method.exclude``).
-Cost: one quantization and one evaluation per layer, plus one for the final
-choice: the model with every kept-float layer float together is quantized,
+Cost: one fp32 export (every file is quantized from it, see ``fp32_onnx`` in
+:func:`~torchslim.quant.quantize`), one quantization and one evaluation per
+layer, plus one for the final choice: the model with every kept-float layer float together is quantized,
 evaluated and timed against the fp32 and all-int8 files once more (``final``),
 since layers that each pay alone need not pay together. When that file is
 still slower than fp32 at some batch size, all-int8 is taken if it is not, and
@@ -19,6 +20,8 @@ sizes where the final file is slower than fp32.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, Sequence
 
 import torch.nn as nn
@@ -29,8 +32,8 @@ from torchslim.quant.int8 import Int8Config, QUANTIZABLE, quantize
 def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any, *,
                      batch_sizes: Sequence[int] = (1, 256), max_samples: int = 1000, threads: int | None = None,
                      accuracy_tol: float = 0.001, latency_tol: float = 0.03, budget_s: float = 0.5,
-                     verify: bool = True, example: Any = None, normalization: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
+                     verify: bool = True, example: Any = None, normalization: dict[str, Any] | None = None,
+                     fp32_onnx: bytes | str | os.PathLike | None = None) -> dict[str, Any]:
     """Measure int8 with each Conv/Linear layer kept float in turn; return the layers to keep float.
 
     Args:
@@ -47,6 +50,9 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
         verify: quantize with the chosen ``exclude`` and time it against fp32 (``final``, ``slower_at``).
         example: an input for the exports (default: the first calibration inputs).
         normalization: ``{"mean", "std"}``, recorded in the ONNX files' metadata.
+        fp32_onnx: the model's fp32 ONNX export if already made (bytes or path; see
+            :func:`~torchslim.quant.quantize`); else it is exported once here. Every file of
+            the sweep is quantized from that one export.
 
     Returns:
         ``{"all_int8": {...}, "fp32": {...}, "layers": {name: {"accuracy", "latency_ms", "keep_float", "why"}},
@@ -59,12 +65,11 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
     from torchslim.measure.ort import compare_ort_latency, ort_accuracy  # noqa: PLC0415
 
     sub = type("Subset", (), {"x": val.x[:max_samples], "y": val.y[:max_samples]})
-    base = quantize(model, config, calib=calib, example=example, normalization=normalization)
+    base = quantize(model, config, calib=calib, example=example, normalization=normalization, fp32_onnx=fp32_onnx)
     names = [n for n in base.layers if n not in base.excluded]
     files = {"fp32": base.fp32_onnx, "all_int8": base.int8_onnx}
     for name in names:
-        one = Int8Config(**{**config.model_dump(), "exclude": tuple(config.exclude) + (name,)})
-        files[name] = quantize(model, one, calib=calib, example=example).int8_onnx
+        files[name] = _requantize(model, config, calib, base, tuple(config.exclude) + (name,), example).int8_onnx
     accuracy = {k: ort_accuracy(v, sub.x, sub.y, threads=threads) for k, v in files.items()}
     one_input = val.x[:1]
     latency: dict[str, dict[str, float]] = {k: {} for k in files}
@@ -91,7 +96,7 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
     slower_at = [b for b in latency["fp32"] if latency["all_int8"][b] > latency["fp32"][b]]
     if verify:
         final, chosen_model, slower_at = _verify(model, config, calib, base, exclude, names, sub, one_input,
-                                                 batch_sizes, threads, budget_s, example, normalization)
+                                                 batch_sizes, threads, budget_s, example)
     return {"final": final, "slower_at": slower_at, "quantized": chosen_model,
             "all_int8": {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"]},
             "fp32": {"accuracy": accuracy["fp32"], "latency_ms": latency["fp32"]},
@@ -99,9 +104,17 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
             "samples": len(sub.y), "quantizable": [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]}
 
 
+def _requantize(model: nn.Module, config: Int8Config, calib: Any, base: Any, exclude: tuple[str, ...],
+                example: Any) -> Any:
+    """``config`` with ``exclude``, quantized from ``base``'s fp32 file (one export serves the whole sweep)."""
+    one = Int8Config(**{**config.model_dump(), "exclude": exclude})
+    q = quantize(model, one, calib=calib, example=example, fp32_onnx=base.fp32_onnx)
+    return dataclasses.replace(q, export=base.export)  # the parity check of that one export
+
+
 def _verify(model: nn.Module, config: Int8Config, calib: Any, base: Any, exclude: list[str], names: list[str],
             sub: Any, one_input: Any, batch_sizes: Sequence[int], threads: int | None, budget_s: float,
-            example: Any, normalization: dict[str, Any] | None) -> tuple[dict[str, Any], Any, list[str]]:
+            example: Any) -> tuple[dict[str, Any], Any, list[str]]:
     """Time the chosen file against fp32 and all-int8; fall back when it is still slower than fp32.
 
     Layers that each pay when kept float alone need not pay together (every float/int8
@@ -114,8 +127,7 @@ def _verify(model: nn.Module, config: Int8Config, calib: Any, base: Any, exclude
     def build(ex: list[str]) -> Any:
         if list(ex) == list(config.exclude):
             return base
-        return quantize(model, Int8Config(**{**config.model_dump(), "exclude": tuple(ex)}), calib=calib,
-                        example=example, normalization=normalization)
+        return _requantize(model, config, calib, base, tuple(ex), example)
 
     chosen = build(exclude)
     files = {"fp32": base.fp32_onnx, "all_int8": base.int8_onnx, "chosen": chosen.int8_onnx}
