@@ -24,16 +24,17 @@ import sys as _sys
 import types as _types
 
 from torchslim.search.allocate import lagrangian_plans, pick_spread
-from torchslim.search.api import InfeasibleBudget, SearchResult, choose, recipe_document, search
+from torchslim.search.api import InfeasibleBudget, SearchResult, choose, recipe_document, search, search_worker
 from torchslim.search.budget import Budget, SearchSpace
 from torchslim.search.front import Point, pareto_front, plot_front
 from torchslim.search.sensitivity import Measurer, Tables, build_tables, recalibrate_bn_
 from torchslim.search.space import GroupChoice, channel_groups, plan_config, uniform_plan
+from torchslim.search.study import StudyConfig
 
 __all__ = [
     "Budget", "GroupChoice", "InfeasibleBudget", "Measurer", "Point", "SearchResult", "SearchSpace", "Tables",
     "build_tables", "channel_groups", "choose", "lagrangian_plans", "pareto_front", "pick_spread", "plan_config",
-    "plot_front", "recalibrate_bn_", "recipe_document", "search", "uniform_plan",
+    "plot_front", "recalibrate_bn_", "recipe_document", "search", "search_worker", "StudyConfig", "uniform_plan",
 ]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import os
 import time
 import types
 from dataclasses import dataclass, field
@@ -209,6 +210,9 @@ def search(
     uniform: bool = True,
     trial_finetune: Any = None,
     trial_samples: int | None = None,
+    trials: int = 0,
+    study: Any = None,
+    on_study_ready: Callable[[], None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Search per-group channel widths of ``model`` under ``budget``; every reported point is measured.
@@ -224,7 +228,9 @@ def search(
         test: test split: the chosen model is scored on it once.
         kd: the fine-tune's :class:`torchslim.DistillConfig` (default ``DistillConfig()``).
         out: a folder for ``pareto.json``, ``pareto.png``, ``model.slim``, ``model.onnx``,
-            ``dense.slim`` and ``recipe.yaml``.
+            ``dense.slim``, ``recipe.yaml``, the stage-one cache ``search_cache.json`` (the
+            tables and the sweep's points, reused by a later search with the same settings)
+            and, with trials, the study (``study.journal``) and ``trials.jsonl``.
         recipe_data: the recipe's ``data`` section that gives back these splits (e.g.
             ``{"dataset": "digits", "val_fraction": 0.1}``); without it no recipe is written.
         recipe_model: the recipe's model entry (default: the model's preset and args, weights
@@ -234,9 +240,19 @@ def search(
         trial_finetune: a short KD fine-tune (a :class:`torchslim.TrainConfig`) given to every
             candidate from the dense model before its accuracy is measured, so the front ranks
             plans by what they recover to rather than by their accuracy right after the cut
-            (default None: BatchNorm re-estimation only, the cheap proxy).
-        trial_samples: training samples of each trial fine-tune (default: all of ``train``).
-        progress: called with one line per evaluated candidate (e.g. ``print``).
+            (default None: BatchNorm re-estimation only, the cheap proxy; with ``trials`` > 0
+            the default is ``TrainConfig(epochs=1)``, as every point of one front must be
+            measured the same way).
+        trial_samples: training samples of each trial fine-tune (default: all of ``train``;
+            with ``trials`` > 0: 2000).
+        trials: Optuna trials refining the front (:mod:`~torchslim.search.study`; needs
+            ``pip install 'torchslim[search]'``); 0: the Lagrangian front alone. Counted over
+            the whole study: a search resumed on the same ``out`` (or storage) runs only the
+            trials it still lacks, and other processes (:func:`search_worker`) may run some.
+        study: where the study lives and how it samples (:class:`~torchslim.search.StudyConfig`).
+        on_study_ready: called once the study exists and holds the stage-one points, before any
+            trial runs (the CLI starts its extra worker processes there).
+        progress: called with one line per evaluated candidate and per trial (e.g. ``print``).
 
     Returns:
         A :class:`SearchResult` (``.front``, ``.best``, ``.chosen``, ``.summary()``).
@@ -244,6 +260,7 @@ def search(
     Raises:
         InfeasibleBudget: no measured point meets the budget (the files are still written).
         ModelError: the model cannot be traced.
+        ConfigError: ``trials`` > 0 without Optuna, or a study in ``out`` made with other settings.
 
     Example:
         A few seconds on 2 cores (tests/test_search.py runs searches like it)::
@@ -259,74 +276,26 @@ def search(
     start = time.time()
     space = space or SearchSpace()
     say = progress or (lambda s: None)
-    groups = channel_groups(model, train.x[:1], space)
-    if not groups:
-        raise ConfigError("no channel group of this model can be searched (all excluded, frozen or too small)")
-    m = Measurer(copy.deepcopy(model).eval(), groups, space, budget, train.x)
-
-    trial_train = _subset(train, trial_samples)
-    trial = trial_finetune if trial_finetune is not None and trial_finetune.epochs > 0 else None
-
-    def measure(plan: dict[str, int], source: str, tables: Tables | None) -> Point:
-        if source == "dense":
-            built = m.dense
-        elif trial is not None:
-            built = m.build(plan, recalibrate=False)
-            kd_finetune_(built, m.dense, trial_train, None, trial, seed=finetune_seed(seed, "trial"), kd=kd)
-            built.eval()
-        else:
-            built = m.build(plan)
-        acc = accuracy(built, val.x, val.y)
-        lat = m.latency(built)
-        pred = tables.predict(plan) if tables is not None and source != "dense" else (None, None)
-        return Point(dict(plan), source, acc, 100 * (dense_acc - acc), lat["p50_ms"], lat["p90_ms"],
-                     1.0 if source == "dense" else lat["ratio"], lat["bytes"], m.macs(built), pred[0], pred[1],
-                     budget.batch, budget.runtime,
-                     {"trial_finetune_epochs": trial.epochs if trial is not None and source != "dense" else 0})
-
-    dense_acc = accuracy(m.dense, val.x, val.y)
-    dense = measure(dense_plan(groups), "dense", None)
-    say(f"dense: val {100 * dense_acc:.2f}%, {dense.latency_p50_ms:.2f} ms at batch {budget.batch} "
-        f"({budget.runtime}, {budget.threads} thread(s)); {len(groups)} groups: "
-        + ", ".join(f"{g.label} {g.keeps}" for g in groups))
-    n = min(space.sensitivity_samples, len(val.y))
-    tables = build_tables(m, val.x[:n], val.y[:n], say)
-    dense_key = plan_key(dense_plan(groups))
-    plans = [p for p in lagrangian_plans(groups, tables, space.lambdas) if plan_key(p) != dense_key]
-    todo = [(p, "sweep") for p in pick_spread(plans, tables, space.max_candidates)]
-    if uniform:
-        seen = {plan_key(p) for p, _ in todo}
-        for f in sorted(set(space.keep), reverse=True):
-            u = uniform_plan(groups, f, space.round_to)
-            if f < 1 and plan_key(u) != dense_key:
-                todo.append((u, "uniform"))  # measured even when the sweep chose it too: the baseline curve
-                seen.add(plan_key(u))
-    points = [dense]
-    loop_start = time.time()
-    for i, (plan, source) in enumerate(todo, 1):
-        p = measure(plan, source, tables)
-        points.append(p)
-        ok = [q for q in points if _feasible(q, budget, dense)]
-        best = (min(ok, key=lambda q: q.latency_ratio) if budget.max_drop is not None
-                else max(ok, key=lambda q: q.accuracy)) if ok else None
-        say(f"[{i}/{len(todo)}] {source:7s} val {100 * p.accuracy:6.2f}% ({p.drop:+.2f} pts, predicted "
-            f"{p.predicted_drop:+.2f}) latency {p.latency_ratio:.3f}x (predicted {p.predicted_latency:.3f}x) "
-            f"{p.latency_p50_ms:.2f} ms | best feasible: "
-            + (f"{100 * best.accuracy:.2f}% at {best.latency_ratio:.3f}x" if best else "none yet")
-            + f" | {time.time() - start:.0f}s, about {(time.time() - loop_start) / i * (len(todo) - i):.0f}s left")
+    folder = Path(out) if out is not None else None
+    run = _prepare(model, train, val, budget, space, kd, seed, uniform, trial_finetune, trial_samples, trials, study)
+    m, groups = run.m, run.groups
+    dense, tables, points = _stage_one(run, folder, say)
+    if trials > 0:
+        points = points + _refine(run, dense, tables, points, trials, folder, say, wait=True,
+                                  on_ready=on_study_ready)[0]
     swept = [p for p in points if p.source != "dense"]
     lat_err = [abs(p.predicted_latency - p.latency_ratio) for p in swept]
     drop_err = [abs(p.predicted_drop - p.drop) for p in swept]
     error = {"latency_mean_abs": sum(lat_err) / max(len(lat_err), 1), "latency_max_abs": max(lat_err, default=0.0),
              "drop_mean_abs": sum(drop_err) / max(len(drop_err), 1), "points": len(swept)}
     front = pareto_front(points)
+    trial = run.trial
     payload: dict[str, Any] = {"budget": budget.to_dict(), "space": space.to_dict(), "dense": dense.to_dict(),
                                "groups": [g.__dict__ for g in groups], "tables": tables.to_dict(),
                                "prediction_error": error, "points": [p.to_dict() for p in points],
-                               "front": [p.to_dict() for p in front],
+                               "front": [p.to_dict() for p in front], "trials": trials,
                                "accuracy_measured": "after a trial KD fine-tune" if trial is not None else
                                "after the cut and BatchNorm re-estimation, no fine-tune"}
-    folder = Path(out) if out is not None else None
     try:
         chosen = choose(front, budget, dense)
     except InfeasibleBudget as exc:
@@ -334,7 +303,7 @@ def search(
             write_json(folder / "pareto.json", {**payload, "chosen": None, "infeasible": str(exc)})
             plot_front(folder / "pareto.png", points, front, None, budget.describe(), _ylabel(payload))
         raise
-    best_model, metrics = _finish(m, chosen, train, val, test, finetune, kd, seed, dense_acc)
+    best_model, metrics = _finish(m, chosen, train, val, test, finetune, kd, seed, run.dense_acc)
     if chosen.source == "dense":
         finetune = None  # the dense model is returned as it is, so its recipe must not fine-tune it either
     recipe = None
@@ -348,6 +317,167 @@ def search(
                                  plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd)
     return SearchResult(front, points, chosen, best_model, dense, metrics, tables, error, groups,
                         recipe, time.time() - start, files)
+
+
+def search_worker(model: nn.Module, train: Any, val: Any, budget: Budget, space: SearchSpace | None = None, *,
+                  trials: int, out: str | Path | None = None, study: Any = None, kd: Any = None, seed: int = 0,
+                  uniform: bool = True, trial_finetune: Any = None, trial_samples: int | None = None,
+                  progress: Callable[[str], None] | None = None, wait_s: float = 3600.0) -> int:
+    """Help a running :func:`search` with its Optuna trials: pull trials until the study has ``trials`` finished.
+
+    Give the arguments the search was started with (the study refuses other settings). The
+    worker reads the stage-one tables and points from the study (waiting up to ``wait_s`` for
+    the search to put them there), so it needs only the storage: the run folder's journal on
+    this machine, or ``study.storage`` (a database URL) from any machine. It returns when no
+    trial is left to start; the search itself picks, fine-tunes and writes the result.
+
+    Returns:
+        How many trials this worker ran.
+    """
+    space = space or SearchSpace()
+    say = progress or (lambda s: None)
+    folder = Path(out) if out is not None else None
+    if trials < 1:
+        raise ConfigError(f"a search worker needs trials >= 1 (the study's total), got {trials}")
+    run = _prepare(model, train, val, budget, space, kd, seed, uniform, trial_finetune, trial_samples, trials, study)
+    from torchslim.search.study import wait_for_stage_one
+
+    dense, tables, points = wait_for_stage_one(run.study_cfg, folder, run.key, wait_s, say)
+    return _refine(run, dense, tables, points, trials, folder, say, wait=False, on_ready=None, create=False)[1]
+
+
+@dataclass
+class _Run:
+    """What one search (or worker) measures with: the measurer, the trial fine-tune, the settings' key."""
+
+    m: Measurer
+    groups: list[GroupChoice]
+    val: Any
+    budget: Budget
+    space: SearchSpace
+    kd: Any
+    seed: int
+    uniform: bool
+    trial: Any
+    trial_train: Any
+    key: str
+    study_cfg: Any
+    trials: int = 0
+    dense_acc: float = 0.0
+
+    def measure(self, plan: dict[str, int], source: str, tables: Tables | None, dense: Point | None) -> Point:
+        """Build ``plan`` from the dense model (trial KD fine-tune, else BatchNorm re-estimation) and measure it."""
+        m, trial = self.m, self.trial
+        if source == "dense":
+            built = m.dense
+        elif trial is not None:
+            built = m.build(plan, recalibrate=False)
+            kd_finetune_(built, m.dense, self.trial_train, None, trial, seed=finetune_seed(self.seed, "trial"),
+                         kd=self.kd)
+            built.eval()
+        else:
+            built = m.build(plan)
+        acc = accuracy(built, self.val.x, self.val.y)
+        lat = m.latency(built)
+        pred = tables.predict(plan) if tables is not None and source != "dense" else (None, None)
+        return Point(dict(plan), source, acc, 100 * (self.dense_acc - acc), lat["p50_ms"], lat["p90_ms"],
+                     1.0 if source == "dense" else lat["ratio"], lat["bytes"], m.macs(built), pred[0], pred[1],
+                     self.budget.batch, self.budget.runtime,
+                     {"trial_finetune_epochs": trial.epochs if trial is not None and source != "dense" else 0})
+
+
+def _prepare(model: nn.Module, train: Any, val: Any, budget: Budget, space: SearchSpace, kd: Any, seed: int,
+             uniform: bool, trial_finetune: Any, trial_samples: int | None, trials: int, study: Any) -> _Run:
+    from torchslim.search.study import StudyConfig, require_optuna, settings_key
+
+    if trials < 0:
+        raise ConfigError(f"trials must be >= 0 (0: no Optuna refinement), got {trials}")
+    if trials > 0:
+        require_optuna()  # before anything is measured
+        if trial_finetune is None:
+            from torchslim.train import TrainConfig
+
+            trial_finetune = TrainConfig(epochs=1)
+        trial_samples = 2000 if trial_samples is None else trial_samples
+    groups = channel_groups(model, train.x[:1], space)
+    if not groups:
+        raise ConfigError("no channel group of this model can be searched (all excluded, frozen or too small)")
+    m = Measurer(copy.deepcopy(model).eval(), groups, space, budget, train.x)
+    trial = trial_finetune if trial_finetune is not None and trial_finetune.epochs > 0 else None
+    key = settings_key(model, train, val, budget, space, kd, seed, uniform, trial, trial_samples)
+    run = _Run(m, groups, val, budget, space, kd, seed, uniform, trial, _subset(train, trial_samples), key,
+               study or StudyConfig(), trials)
+    run.dense_acc = accuracy(m.dense, val.x, val.y)
+    return run
+
+
+def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tuple[Point, Tables, list[Point]]:
+    """The dense point, the per-group tables and the sweep's (and uniform) points: from the cache if it matches."""
+    from torchslim.search.study import load_stage_one, save_stage_one
+
+    cached = load_stage_one(folder, run.key) if folder is not None else None
+    if cached is None and run.trials > 0:
+        from torchslim.search.study import peek_stage_one
+
+        cached = peek_stage_one(run.study_cfg, folder, run.key)
+    if cached is not None:
+        dense, tables, points = cached
+        say(f"stage one (tables, {len(points) - 1} measured points) reused from the run folder / study")
+        return dense, tables, points
+    m, groups, space, budget = run.m, run.groups, run.space, run.budget
+    dense = run.measure(dense_plan(groups), "dense", None, None)
+    say(f"dense: val {100 * run.dense_acc:.2f}%, {dense.latency_p50_ms:.2f} ms at batch {budget.batch} "
+        f"({budget.runtime}, {budget.threads} thread(s)); {len(groups)} groups: "
+        + ", ".join(f"{g.label} {g.keeps}" for g in groups))
+    n = min(space.sensitivity_samples, len(run.val.y))
+    tables = build_tables(m, run.val.x[:n], run.val.y[:n], say)
+    dense_key = plan_key(dense_plan(groups))
+    plans = [p for p in lagrangian_plans(groups, tables, space.lambdas) if plan_key(p) != dense_key]
+    todo = [(p, "sweep") for p in pick_spread(plans, tables, space.max_candidates)]
+    if run.uniform:
+        for f in sorted(set(space.keep), reverse=True):
+            u = uniform_plan(groups, f, space.round_to)
+            if f < 1 and plan_key(u) != dense_key:
+                todo.append((u, "uniform"))  # measured even when the sweep chose it too: the baseline curve
+    points = [dense]
+    start = loop_start = time.time()
+    for i, (plan, source) in enumerate(todo, 1):
+        p = run.measure(plan, source, tables, dense)
+        points.append(p)
+        ok = [q for q in points if _feasible(q, budget, dense)]
+        best = (min(ok, key=lambda q: q.latency_ratio) if budget.max_drop is not None
+                else max(ok, key=lambda q: q.accuracy)) if ok else None
+        say(f"[{i}/{len(todo)}] {source:7s} val {100 * p.accuracy:6.2f}% ({p.drop:+.2f} pts, predicted "
+            f"{p.predicted_drop:+.2f}) latency {p.latency_ratio:.3f}x (predicted {p.predicted_latency:.3f}x) "
+            f"{p.latency_p50_ms:.2f} ms | best feasible: "
+            + (f"{100 * best.accuracy:.2f}% at {best.latency_ratio:.3f}x" if best else "none yet")
+            + f" | {time.time() - start:.0f}s, about {(time.time() - loop_start) / i * (len(todo) - i):.0f}s left")
+    if folder is not None:
+        save_stage_one(folder, run.key, dense, tables, points)
+    return dense, tables, points
+
+
+def _refine(run: _Run, dense: Point, tables: Tables, points: list[Point], trials: int, folder: Path | None,
+            say: Callable[[str], None], *, wait: bool, on_ready: Callable[[], None] | None,
+            create: bool = True) -> tuple[list[Point], int]:
+    """Run the study's trials (this process's share): every finished trial's point, and how many ran here."""
+    from torchslim.search import study as st
+
+    front = pareto_front(points)
+    space = st.Space.around(run.groups, front, run.study_cfg.radius)
+    seeds = st.seeds_for(points, space, run.budget, dense)
+    # Each process samples with its own seed: with one seed two workers would propose the same plans.
+    sampler_seed = run.seed if wait else run.seed + os.getpid()
+    study = st.open_study(run.study_cfg, folder, run.key, sampler_seed, ["maximize", "minimize"], seeds, space,
+                          stage_one=(dense, tables, points), create=create)
+    if on_ready is not None:
+        on_ready()
+    measure = lambda plan: run.measure(plan, "trial", tables, dense)  # noqa: E731
+    ran = st.refine(study, space, trials, measure, run.budget, dense, points, folder, say, wait=wait,
+                    poll_s=run.study_cfg.poll_s)
+    found = st.trial_points(study)
+    say(f"study {run.study_cfg.study_name!r}: this process ran {ran} trial(s); {len(found)} distinct trial points")
+    return found, ran
 
 
 def _ylabel(payload: dict[str, Any]) -> str:

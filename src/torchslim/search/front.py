@@ -16,7 +16,8 @@ class Point:
 
     Attributes:
         plan: ``{group label: kept channels}``.
-        source: ``"dense"``, ``"sweep"`` (the Lagrangian allocation) or ``"uniform"`` (baseline).
+        source: ``"dense"``, ``"sweep"`` (the Lagrangian allocation), ``"uniform"`` (baseline) or
+            ``"trial"`` (an Optuna trial refining the front, ``extra["trial"]`` its number).
         accuracy: validation accuracy in [0, 1] after the cut and BatchNorm re-estimation, or after
             the search's trial fine-tune when it has one (``extra["trial_finetune_epochs"]``).
         drop: accuracy points lost against the dense model (validation).
@@ -83,7 +84,7 @@ def plot_front(path: str | Path, points: list[Point], front: list[Point], chosen
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for source, marker, colour in (("sweep", "o", "tab:blue"), ("uniform", "s", "tab:orange"),
-                                   ("dense", "D", "black")):
+                                   ("trial", "^", "tab:green"), ("dense", "D", "black")):
         pts = [p for p in points if p.source == source]
         if pts:
             ax.scatter([p.latency_ratio for p in pts], [100 * p.accuracy for p in pts], marker=marker,
