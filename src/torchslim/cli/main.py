@@ -219,38 +219,9 @@ def _keep_list(text: str) -> list[float]:
 
 
 def _cmd_auto(args: argparse.Namespace) -> int:
-    import time
+    from torchslim.cli.auto import run_auto
 
-    import torch
-
-    import torchslim.search as search
-    from torchslim.data import load_dataset
-    from torchslim.export import load
-    from torchslim.train import TrainConfig
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    given = {"max_drop": args.max_drop, "latency": args.latency, "size_bytes": args.size, "macs": args.macs}
-    budget = search.Budget(**{k: v for k, v in given.items() if v is not None}, batch=args.batch,
-                           runtime=args.runtime, threads=args.threads or 1, latency_budget_s=args.latency_budget)
-    space = search.SearchSpace(keep=args.keep, round_to=args.round_to, max_candidates=args.max_candidates,
-                               exclude=args.exclude)
-    model = load(args.model, factory=args.factory).cpu().eval()
-    val = {"val_size": args.val_size} if args.val_size else {"val_fraction": 0.1}
-    data = {"dataset": args.data, **val, **({"root": args.root} if args.root else {}),
-            **({"train_limit": args.train_limit} if args.train_limit else {}),
-            **({"test_limit": args.test_limit} if args.test_limit else {})}
-    splits = load_dataset(args.data, root=args.root, val_size=args.val_size or 0.1, train_limit=args.train_limit,
-                          test_limit=args.test_limit, seed=args.seed)
-    out = Path(args.out) if args.out else Path("runs") / f"auto-{time.strftime('%Y%m%d-%H%M%S')}"
-    finetune = TrainConfig(epochs=args.finetune_epochs) if args.finetune_epochs else None
-    print(f"searching {args.model}: {budget.describe()}; results in {out}")
-    result = search.search(model, splits.train, splits.val, budget, space, finetune=finetune, test=splits.test,
-                           out=out, recipe_data=data, seed=args.seed, progress=print)
-    print(result.summary())
-    print(f"{len(result.points)} points measured, {len(result.front)} on the front, in {result.seconds:.0f}s; "
-          f"reproduce with: torchslim run {out / 'recipe.yaml'}")
-    return 0
+    return run_auto(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,11 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--factory", help="trust the user model factory the file names (module:function)")
     quant.set_defaults(func=_cmd_quantize)
 
-    auto = sub.add_parser("auto", help="search per-layer channel widths under a budget; the measured Pareto front")
-    auto.add_argument("model", help=".slim file (the dense, trained model)")
-    auto.add_argument("--data", required=True, choices=["fashion-mnist", "mnist", "digits"])
+    auto = sub.add_parser("auto", help="search per-layer channel widths under a budget; the measured Pareto front "
+                          "(or --resume RUN_DIR [--worker] to continue or help a search)")
+    auto.add_argument("model", nargs="?", help=".slim file (the dense, trained model)")
+    auto.add_argument("--data", choices=["fashion-mnist", "mnist", "digits"])
     auto.add_argument("--root", help="folder holding the dataset's IDX files")
-    goal = auto.add_mutually_exclusive_group(required=True)
+    goal = auto.add_mutually_exclusive_group()
     goal.add_argument("--max-drop", type=float, help="largest accuracy drop in points; latency minimised")
     goal.add_argument("--latency", type=_times, help="largest latency, as a fraction of the dense model's (0.25x)")
     goal.add_argument("--size", type=_size, help="largest fp32 ONNX size (50KB, 1.5MB)")
@@ -342,11 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--max-candidates", type=int, default=12, help="plans of the sweep built and measured")
     auto.add_argument("--latency-budget", type=float, default=0.5, help="seconds of timing per measurement")
     auto.add_argument("--finetune-epochs", type=int, default=1, help="KD fine-tune of the chosen plan (0: none)")
+    auto.add_argument("--trials", type=int, help="Optuna trials refining the front, counted over the whole study "
+                      "(default 0: the Lagrangian front alone; needs pip install 'torchslim[search]')")
+    auto.add_argument("--trial-epochs", type=int, help="KD fine-tune epochs given to every candidate before it is "
+                      "scored (default: 1 with --trials, else none: BatchNorm re-estimation only)")
+    auto.add_argument("--trial-samples", type=int, help="training samples of each candidate's fine-tune "
+                      "(default 2000 with --trials, else all)")
+    auto.add_argument("--workers", type=int, help="processes sharing the trials (default 1; K-1 are started)")
+    auto.add_argument("--storage", metavar="URL", help="Optuna storage of the study (default: the journal file "
+                      "RUN_DIR/study.journal; e.g. sqlite:///study.db, or a database for workers on other machines)")
+    auto.add_argument("--study-name", help="the study's name in the storage (default torchslim-auto)")
+    auto.add_argument("--resume", metavar="RUN_DIR", help="continue the search in RUN_DIR (its settings, finished "
+                      "trials and cached tables); --trials and --workers may be raised")
+    auto.add_argument("--worker", action="store_true", help="with --resume: only run trials of that search's "
+                      "study until none is left, then exit (the search itself writes the results)")
     auto.add_argument("--val-size", type=int, help="validation samples (default 10%% of the training set)")
     auto.add_argument("--train-limit", type=int, help="keep only this many training samples")
     auto.add_argument("--test-limit", type=int, help="keep only this many test samples")
     auto.add_argument("--seed", type=int, default=0)
-    auto.add_argument("--out", help="folder for pareto.json/png, model.slim/onnx, recipe.yaml (default runs/auto-*)")
+    auto.add_argument("--out", help="folder for pareto.json/png, model.slim/onnx, recipe.yaml, the study "
+                      "(default runs/auto-*)")
     auto.add_argument("--factory", help="trust the user model factory the file names (module:function)")
     auto.set_defaults(func=_cmd_auto)
     return parser
