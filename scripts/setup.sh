@@ -4,7 +4,7 @@
 #   2. a virtual environment in .venv;
 #   3. the pinned CPU build of PyTorch, installed first so that torchslim's own
 #      range requirement (torch>=2.3) does not pull a multi-GB CUDA build;
-#   4. torchslim itself (editable) with its ONNX, logger (TensorBoard, MLflow) and test extras.
+#   4. torchslim itself (editable) with its ONNX, logger (TensorBoard, MLflow), search (Optuna) and test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,9 +29,9 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     echo "setup: installing $TORCH_SPEC (CPU build)" >&2
     .venv/bin/pip install -q "$TORCH_SPEC"
 fi
-if ! .venv/bin/python -c "import torchslim, onnxruntime, pytest, hypothesis, tensorboard, mlflow" >/dev/null 2>&1 \
+if ! .venv/bin/python -c "import torchslim, onnxruntime, pytest, hypothesis, tensorboard, mlflow, optuna" >/dev/null 2>&1 \
         || [ pyproject.toml -nt .venv/.torchslim-installed ]; then
     echo "setup: installing torchslim and its extras" >&2
-    .venv/bin/pip install -q -e '.[onnx,tensorboard,mlflow,test]'
+    .venv/bin/pip install -q -e '.[onnx,tensorboard,mlflow,search,test]'
     touch .venv/.torchslim-installed
 fi
