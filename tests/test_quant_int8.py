@@ -181,3 +181,25 @@ def test_a_given_fp32_export_is_quantized_without_exporting_again(data, base, tm
     with pytest.raises(ModelError, match="cannot map layer names"):  # an export of another model
         quantize(other, Int8Config(calibration_samples=16), calib=split, fp32_onnx=first.fp32_onnx)
 
+
+
+def test_a_float_layer_pools_before_its_relu_so_ort_keeps_the_pool_float(data, base, tmp_path):
+    import onnxruntime as ort
+
+    split, model = data
+    assert base.moved == []  # nothing kept float, nothing moved
+    q = quantize(model, Int8Config(calibration_samples=64, exclude=["features.3"]), calib=split,
+                 fp32_onnx=base.fp32_onnx)
+    ops = {n.name: n.op_type for n in onnx.load_from_string(q.int8_onnx).graph.node}
+    assert [ops[n] for n in q.moved] == ["Relu", "MaxPool"] and q.describe()["pool_before_relu"] == q.moved
+    # What ONNX Runtime runs: the pool on the float conv's output, the QuantizeLinear after it
+    # (without the move, QDQ propagation put a uint8 MaxPool behind a QuantizeLinear).
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(q.int8_onnx, options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(tmp_path / "opt.onnx").graph
+    producer = {o: n for n in graph.node for o in n.output}
+    pools = [n for n in graph.node if n.op_type == "MaxPool"]
+    assert any(producer[p.input[0]].op_type == "Conv" for p in pools)
+    assert abs(q.evaluate(split)["accuracy"] - q.evaluate(split, precision="fp32")["accuracy"]) <= 0.03
