@@ -21,6 +21,14 @@ Compared, all measured end to end in ONNX Runtime:
 Also the chosen model's speed-up over the dense teacher in ONNX Runtime and in torch eager
 (both at batch 256, the same threads).
 
+With ``--trials N`` the front is refined by N Optuna trials (:mod:`torchslim.search.study`;
+each a plan near the front, the same trial KD fine-tune, measured end to end) and the run
+also reports what refinement bought: per trial point on the final front, the accuracy gain
+over the best stage-one point (sweep, uniform, dense) at most as slow (``refinement``), and
+the "drop <= 0.5" choice made without the trials, fine-tuned the same way, beside the refined
+choice (``chosen_without_trials``). The study lives in the run folder: running again with the
+same settings and a larger ``--trials`` continues it.
+
 Output: JSON lines on stdout (``config``, ``dense``, ``point`` per measured point,
 ``tables_error``, ``chosen`` per budget, ``uniform_vs_front``, ``summary``); progress on stderr.
 
@@ -28,9 +36,10 @@ Run (from the repository root)::
 
     PYTHONPATH=src .venv/bin/python benchmarks/auto_compression.py --quick   # a few minutes, 1 thread
     PYTHONPATH=src .venv/bin/python benchmarks/auto_compression.py           # full data, 3 fine-tune epochs
+    PYTHONPATH=src .venv/bin/python benchmarks/auto_compression.py --quick --trials 8   # + Optuna refinement
 
 Not here yet (issue 13): fmnist_student, Torch-Pruning global at equal latency, int8 and
-weight-sharing axes, Optuna refinement of the front with per-trial fine-tunes.
+weight-sharing axes.
 """
 
 from __future__ import annotations
@@ -63,12 +72,13 @@ def log(line: str) -> None:
 def _point(p) -> dict:
     return {"source": p.source, "val_accuracy": p.accuracy, "drop": p.drop, "latency_ratio": p.latency_ratio,
             "p50_ms": p.latency_p50_ms, "p90_ms": p.latency_p90_ms, "macs": p.macs, "bytes": p.bytes,
-            "predicted_drop": p.predicted_drop, "predicted_latency": p.predicted_latency, "plan": p.plan}
+            "predicted_drop": p.predicted_drop, "predicted_latency": p.predicted_latency, "plan": p.plan,
+            "trial": p.extra.get("trial")}
 
 
 def compare_uniform(points) -> list[dict]:
     """Per uniform plan: the best sweep point at equal (or lower) latency, and the fastest at equal accuracy."""
-    sweep = [p for p in points if p.source in ("sweep", "dense")]
+    sweep = [p for p in points if p.source in ("sweep", "dense", "trial")]  # the searched side, refined or not
     rows = []
     for u in sorted((p for p in points if p.source == "uniform"), key=lambda p: p.latency_ratio):
         faster = [p for p in sweep if p.latency_ratio <= u.latency_ratio]
@@ -80,6 +90,23 @@ def compare_uniform(points) -> list[dict]:
                      "gain_points": 100 * (at_lat.accuracy - u.accuracy) if at_lat else None,
                      "front_latency_at_equal_accuracy": at_acc.latency_ratio if at_acc else None,
                      "speedup_at_equal_accuracy": u.latency_ratio / at_acc.latency_ratio if at_acc else None})
+    return rows
+
+
+def compare_refinement(points) -> list[dict]:
+    """Per trial point on the front: the gain over the best stage-one point that is at most as slow."""
+    from torchslim.search import pareto_front
+
+    front = pareto_front(points)
+    base = [p for p in points if p.source != "trial"]
+    rows = []
+    for t in (p for p in front if p.source == "trial"):
+        faster = [p for p in base if p.latency_ratio <= t.latency_ratio]
+        b = max(faster, key=lambda p: p.accuracy) if faster else None
+        rows.append({"trial": t.extra.get("trial"), "latency_ratio": t.latency_ratio, "val_accuracy": t.accuracy,
+                     "stage_one_source": b.source if b else None,
+                     "stage_one_accuracy_at_equal_latency": b.accuracy if b else None,
+                     "gain_points": 100 * (t.accuracy - b.accuracy) if b else None, "plan": t.plan})
     return rows
 
 
@@ -97,7 +124,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="KD fine-tune epochs of each chosen plan (default 1 quick, 3 full)")
     ap.add_argument("--trial-samples", type=int, help="training samples of each candidate's trial KD fine-tune "
                     "(1 epoch; default 2000 quick, 10000 full; 0: no trial fine-tune, BatchNorm re-estimation only)")
-    ap.add_argument("--out", default=None, help="folder for the search's files (default runs/auto_compression)")
+    ap.add_argument("--trials", type=int, default=0, help="Optuna trials refining the front (0: the Lagrangian "
+                    "front alone; needs pip install 'torchslim[search]')")
+    ap.add_argument("--out", default=None, help="folder for the search's files (default runs/auto_compression, "
+                    "runs/auto_compression_study with --trials)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     epochs = args.epochs or (1 if args.quick else 3)
@@ -110,15 +140,16 @@ def main() -> None:
                     latency_budget_s=0.4 if args.quick else 1.0)
     ft = ts.TrainConfig(epochs=epochs)
     data = {"dataset": "fashion-mnist", "val_size": 5000, **limits}
-    emit("config", quick=args.quick, trial_samples=args.trial_samples, threads=args.threads, batch=args.batch, finetune_epochs=epochs,
+    emit("config", quick=args.quick, trial_samples=args.trial_samples, trials=args.trials, threads=args.threads, batch=args.batch, finetune_epochs=epochs,
          train=len(splits.train.y), val=len(splits.val.y), test=len(splits.test.y), space=space.to_dict(),
          torch=torch.__version__)
     start = time.time()
     trial_n = args.trial_samples if args.trial_samples is not None else (2000 if args.quick else 10000)
     trial = ts.TrainConfig(epochs=1) if trial_n else None
+    out = args.out or ROOT / "runs" / ("auto_compression_study" if args.trials else "auto_compression")
     r = search.search(teacher, splits.train, splits.val, budget, space, finetune=ft, test=splits.test,
-                      out=args.out or ROOT / "runs" / "auto_compression", recipe_data=data, progress=log,
-                      trial_finetune=trial, trial_samples=trial_n or None)
+                      out=out, recipe_data=data, progress=log, trial_finetune=trial, trial_samples=trial_n or None,
+                      trials=args.trials)
     dense_test = accuracy(teacher, splits.test.x, splits.test.y)
     emit("dense", val_accuracy=r.dense.accuracy, test_accuracy=dense_test, p50_ms=r.dense.latency_p50_ms,
          macs=r.dense.macs, bytes=r.dense.bytes)
@@ -147,10 +178,24 @@ def main() -> None:
              eager_speedup=eager["dense"]["median_ms"] / eager["cand"]["median_ms"], macs=p.macs, plan=p.plan,
              uniform_latency_ratio=u.latency_ratio if u else None, uniform_test_accuracy=u_test,
              gain_over_uniform_points=100 * (test - u_test) if u_test is not None else None)
+    if args.trials:
+        emit("refinement", rows=compare_refinement(r.points))
+        before = choose([p for p in r.points if p.source != "trial"], budget, r.dense)
+        if before.plan != r.chosen.plan:
+            model = finetuned(m, before.plan, splits, ft, 0) if before.source != "dense" else teacher
+            test = accuracy(model, splits.test.x, splits.test.y)
+            ort = m.latency(model)
+            emit("chosen_without_trials", source=before.source, val_drop_before_finetune=before.drop,
+                 latency_ratio=before.latency_ratio, test_accuracy=test, ort_speedup=1 / ort["ratio"],
+                 refined_latency_ratio=r.chosen.latency_ratio, refined_source=r.chosen.source, plan=before.plan)
+        else:
+            emit("chosen_without_trials", same_as_refined=True, source=before.source)
     rows = compare_uniform(r.points)
     emit("uniform_vs_front", rows=rows)
     gains = [row["gain_points"] for row in rows if row["gain_points"] is not None]
     emit("summary", seconds=time.time() - start, points=len(r.points), front=len(r.front),
+         trial_points=sum(p.source == "trial" for p in r.points),
+         trial_points_on_front=sum(p.source == "trial" for p in r.front), chosen_source=r.chosen.source,
          mean_gain_points_at_equal_latency=sum(gains) / len(gains) if gains else None,
          targets={"front_points_ge_5": len(r.front) >= 5, "minutes_le_30": (time.time() - start) <= 1800})
 
