@@ -88,14 +88,16 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(f"{folder} is not a torchslim auto run folder (no {SETTINGS}): give the folder "
                               "a search wrote (its --out)")
         saved = json.loads(path.read_text(encoding="utf-8"))
-        for k in _RESUMABLE:
-            if getattr(args, k) is not None:
-                saved[k] = getattr(args, k)
         given = [k for k in ("model", "data", "max_drop", "latency", "size", "macs", "out") if getattr(args, k, None)]
         if given:
             names = ", ".join(k.upper() if k == "model" else "--" + k.replace("_", "-") for k in given)
             raise ConfigError(f"--resume continues the search with the settings in {path}; only --trials and "
                               f"--workers may change (drop {names})")
+        changed = {k: getattr(args, k) for k in _RESUMABLE if getattr(args, k) is not None}
+        saved.update(changed)
+        _check_counts(saved["trials"], saved["workers"])
+        if changed and not args.worker:  # later workers (--resume RUN_DIR --worker) read the new total
+            path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
         resolved = argparse.Namespace(**saved)
         resolved.out, resolved.worker = str(folder), args.worker
         return resolved
@@ -108,16 +110,20 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError(f"torchslim auto needs {', '.join(missing)} (or --resume RUN_DIR to continue a search)")
     args.trials = args.trials or 0
     args.workers = args.workers or 1
-    if args.trials < 0 or args.workers < 1:
-        raise ConfigError(f"--trials must be >= 0 and --workers >= 1, got {args.trials} and {args.workers}")
-    if args.workers > 1 and args.trials == 0:
-        raise ConfigError("--workers K shares Optuna trials between processes: give --trials N (N > 0)")
+    _check_counts(args.trials, args.workers)
     out = Path(args.out) if args.out else Path("runs") / f"auto-{time.strftime('%Y%m%d-%H%M%S')}"
     args.out = str(out)
     out.mkdir(parents=True, exist_ok=True)
     saved = {k: v for k, v in vars(args).items() if k not in _NOT_SAVED}
     (out / SETTINGS).write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
     return args
+
+
+def _check_counts(trials: int, workers: int) -> None:
+    if trials < 0 or workers < 1:
+        raise ConfigError(f"--trials must be >= 0 and --workers >= 1, got {trials} and {workers}")
+    if workers > 1 and trials == 0:
+        raise ConfigError("--workers K shares Optuna trials between processes: give --trials N (N > 0)")
 
 
 def _search_kwargs(args: argparse.Namespace) -> dict:
