@@ -13,6 +13,10 @@ Every point of the returned front is an end-to-end measurement of the exported m
                finetune=ts.TrainConfig(epochs=1), test=splits.test, out="runs/auto")
     print(r.summary()); small = r.best
 
+With ``trials=N`` (``pip install 'torchslim[search]'``) an Optuna study refines the front
+(:mod:`torchslim.search.study`); it lives in the run folder (or ``StudyConfig(storage=URL)``),
+so the same call resumes it and :func:`search_worker` processes can share its trials.
+
 Example:
     >>> from torchslim.search import Budget
     >>> Budget(latency=0.25).describe()
