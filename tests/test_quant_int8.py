@@ -126,14 +126,20 @@ def test_dynamic_is_for_linear_only_models(data):
         quantize(mlp, Int8Config())
 
 
-def test_ort_latency_and_alternated_comparison(data, tmp_path):
+def test_ort_latency_and_alternated_comparison(data, base, tmp_path):
     split, model = data
     path = tmp_path / "m.onnx"
-    ts.export.export_onnx(model, split.x[:2], path)
+    path.write_bytes(base.fp32_onnx)
     one = ort_latency(path, (1, 8, 8), batch_size=4, threads=1, repeats=5)
     assert one["repeats"] == 5 and one["threads"] == 1 and 0 < one["median_ms"] <= one["p90_ms"]
-    both = compare_ort_latency({"a": path, "b": path.read_bytes()}, split.x[:1], 8, threads=1, repeats=6)
-    assert sorted(both) == ["a", "b"] and both["a"]["repeats"] == 6
+    threads = torch.get_num_threads()
+    both = compare_ort_latency({"a": path, "b": path.read_bytes()}, split.x[:1], 8, threads=1, repeats=6,
+                               torch_models={"eager": model})
+    assert sorted(both) == ["a", "b", "eager"] and both["a"]["repeats"] == both["eager"]["repeats"] == 6
+    assert both["eager"]["runtime"] == "torch" and both["a"]["runtime"] == "onnxruntime"
+    assert both["eager"]["threads"] == 1 and torch.get_num_threads() == threads and model.training
+    with pytest.raises(ModelError, match="both ONNX and torch"):
+        compare_ort_latency({"a": path}, split.x[:1], 2, repeats=1, torch_models={"a": model})
     assert ort_accuracy(path, split.x, split.y) == pytest.approx(ts.evaluate(model, split)["accuracy"])
     with pytest.raises(ModelError):
         ort_latency(path, (1, 8, 8), batch_size=0)

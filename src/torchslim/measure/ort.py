@@ -157,13 +157,15 @@ def compare_ort_latency(
     warmup: int = 2,
     repeats: int | None = None,
     budget_s: float = DEFAULT_BUDGET_S,
+    torch_models: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """ONNX Runtime latency of several models, timed run by run in alternation, for fair ratios.
 
     As :func:`torchslim.measure.compare_latency` does for torch: single runs of each
     model alternate in a rotating order, so a burst of load from other processes
     lands on all of them alike and the ratios between them hold on a busy machine.
-    Every session gets the same pinned thread settings.
+    Every session gets the same pinned thread settings. ``torch_models`` join the
+    same rotation (torch eager beside ONNX Runtime, on the same inputs and thread count).
 
     Args:
         models: ``{name: .onnx path or bytes}``.
@@ -174,9 +176,13 @@ def compare_ort_latency(
         repeats: timed runs of each model; None picks ``budget_s`` over the slowest
             model's fastest warm-up run, clamped to [5, 500].
         budget_s: target seconds of timed work per model when ``repeats`` is None.
+        torch_models: ``{name: nn.Module}`` timed in the same rotation, each as a finalized,
+            eval-mode CPU copy under ``torch.inference_mode`` (as :func:`~torchslim.measure.measure_latency`),
+            with ``torch.set_num_threads(threads)`` for the measurement; names must differ from ``models``'.
 
     Returns:
-        Per name: ``{"median_ms", "p90_ms", "min_ms", "repeats", "threads"}``.
+        Per name: ``{"median_ms", "p90_ms", "min_ms", "repeats", "threads", "runtime"}``
+        (``runtime``: ``onnxruntime`` or ``torch``).
 
     Example:
         >>> import torch, torchslim as ts
@@ -187,34 +193,61 @@ def compare_ort_latency(
         >>> sorted(t), t["a"]["repeats"]
         (['a', 'b'], 5)
     """
-    if not models:
+    torch_models = dict(torch_models or {})
+    if not models and not torch_models:
         raise ModelError("compare_ort_latency needs at least one model")
     if repeats is not None and repeats < 1:
         raise ModelError(f"repeats must be >= 1, got {repeats}")
-    names = list(models)
-    sessions = [ort_session(models[n], threads) for n in names]
+    both = sorted(set(models) & set(torch_models))
+    if both:
+        raise ModelError(f"names {both} are both ONNX and torch models; give each timed model its own name")
+    import torch  # noqa: PLC0415
+
+    from torchslim.measure.counting import finalized_copy  # noqa: PLC0415
+
     x = _ort_batch(example_shape_or_array, batch_size)
-    feeds = [{_input_name(s): x} for s in sessions]
-    fastest = []
-    for session, feed in zip(sessions, feeds):
-        best = float("inf")
-        for _ in range(max(1, warmup)):
-            start = time.perf_counter()
-            session.run(None, feed)
-            best = min(best, time.perf_counter() - start)
-        fastest.append(best)
-    n = repeats if repeats is not None else int(np.clip(budget_s / max(max(fastest), 1e-6), MIN_REPEATS, MAX_REPEATS))
-    times: list[list[float]] = [[] for _ in names]
-    for r in range(n):
-        for k in range(len(sessions)):
-            i = (k + r) % len(sessions)  # rotate, so no model always runs right after another
-            start = time.perf_counter()
-            sessions[i].run(None, feeds[i])
-            times[i].append(time.perf_counter() - start)
-    used = int(sessions[0].get_session_options().intra_op_num_threads)
+    runs, names, runtimes = [], [], []
+    used = threads
+    for name, source in models.items():
+        session = ort_session(source, threads)
+        used = int(session.get_session_options().intra_op_num_threads)
+        feed = {_input_name(session): x}
+        runs.append(lambda s=session, f=feed: s.run(None, f))
+        names.append(name)
+        runtimes.append("onnxruntime")
+    xt = torch.from_numpy(x)
+    for name, module in torch_models.items():
+        copy = finalized_copy(module).cpu().eval()
+        runs.append(lambda m=copy: m(xt))
+        names.append(name)
+        runtimes.append("torch")
+    used = used if used is not None else torch.get_num_threads()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(used)  # torch runs with the sessions' thread count
+    try:
+        with torch.inference_mode():
+            fastest = []
+            for run in runs:
+                best = float("inf")
+                for _ in range(max(1, warmup)):
+                    start = time.perf_counter()
+                    run()
+                    best = min(best, time.perf_counter() - start)
+                fastest.append(best)
+            n = repeats if repeats is not None else int(np.clip(budget_s / max(max(fastest), 1e-6), MIN_REPEATS,
+                                                                MAX_REPEATS))
+            times: list[list[float]] = [[] for _ in names]
+            for r in range(n):
+                for k in range(len(runs)):
+                    i = (k + r) % len(runs)  # rotate, so no model always runs right after another
+                    start = time.perf_counter()
+                    runs[i]()
+                    times[i].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(old_threads)
     return {name: {"median_ms": float(np.median(t) * 1e3), "p90_ms": float(np.percentile(t, 90) * 1e3),
-                   "min_ms": float(min(t) * 1e3), "repeats": len(t), "threads": used}
-            for name, t in zip(names, times)}
+                   "min_ms": float(min(t) * 1e3), "repeats": len(t), "threads": int(used), "runtime": rt}
+            for name, t, rt in zip(names, times, runtimes)}
 
 
 def ort_accuracy(onnx_model: str | os.PathLike | bytes, x: Any, y: Any, *, batch_size: int = 256,

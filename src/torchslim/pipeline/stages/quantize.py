@@ -4,8 +4,8 @@ The method is the library's :class:`~torchslim.quant.Int8Config` unchanged,
 calibrated on the training split. The stage writes ``model.fp32.onnx`` and
 ``model.int8.onnx`` and reports accuracy on the test split of both files run
 in ONNX Runtime (never a torch simulation of int8), beside the torch model's,
-and latency of both files in ONNX Runtime (timed in alternation, threads
-pinned to torch's count) beside torch eager.
+and latency of both files in ONNX Runtime beside torch eager (all three timed
+in alternation, threads pinned to torch's count).
 
 With ``fallback_if_slower`` (the default), an int8 file slower than the fp32
 file at every measured batch size is not shipped: the report says so and
@@ -175,11 +175,12 @@ class Quantize(Stage):
         if c.latency:
             example = test.x[:1]
             for b in c.latency_batch_sizes:
-                ort = ts_measure.compare_ort_latency({"fp32": q.fp32_onnx, "int8": q.int8_onnx}, example, b,
-                                                     threads=threads, budget_s=c.latency_budget_s)
-                eager = ts_measure.measure_latency(model, example, b, threads=threads, budget_s=c.latency_budget_s)
-                latency[str(b)] = {"ort_fp32": ort["fp32"]["median_ms"], "ort_int8": ort["int8"]["median_ms"],
-                                   "torch": eager["median_ms"]}
+                # torch eager joins the same rotation, so all three ratios come from one alternated run.
+                t = ts_measure.compare_ort_latency({"fp32": q.fp32_onnx, "int8": q.int8_onnx}, example, b,
+                                                   threads=threads, budget_s=c.latency_budget_s,
+                                                   torch_models={"torch": model})
+                latency[str(b)] = {"ort_fp32": t["fp32"]["median_ms"], "ort_int8": t["int8"]["median_ms"],
+                                   "torch": t["torch"]["median_ms"]}
         slower = bool(latency) and all(v["ort_int8"] > v["ort_fp32"] for v in latency.values())
         slower_at = [b for b, v in latency.items() if v["ort_int8"] > v["ort_fp32"]]
         # The sweep may keep every layer float: the "int8" file is then a float model, nothing to ship.
@@ -228,10 +229,12 @@ class Quantize(Stage):
                f"{what}; {'per-channel' if d['per_channel'] else 'per-tensor'} weights; {d['scheme']}"
                f"{' with reduce_range (7-bit weights)' if d['reduce_range'] else ', full-range weights'}: "
                f"{d['why']}. BatchNorm {'folded' if d['bn_folded'] else 'NOT folded'}. "
-               f"Layers kept float: {', '.join(f'`{n}`' for n in d['excluded']) or 'none'}.", "",
+               f"Layers kept float: {', '.join(f'`{n}`' for n in d['excluded']) or 'none'}"
+               + (f" (pool before ReLU after them: {', '.join(f'`{n}`' for n in d['pool_before_relu'])})"
+                  if d.get("pool_before_relu") else "") + ".", "",
                f"Accuracy on {report['test_samples']} test samples, the ONNX files run in ONNX Runtime; latency "
-               f"is the median with {report['threads']} threads (ONNX Runtime's fp32 and int8 timed in "
-               "alternation).", "", *table, "",
+               f"is the median with {report['threads']} threads (ONNX Runtime's fp32 and int8 and torch eager "
+               "timed in alternation).", "", *table, "",
                f"int8 file {d['size_ratio']:.2f}x smaller than fp32; accuracy "
                f"{100 * (acc['ort_int8'] - acc['ort_fp32']):+.2f} points in ONNX Runtime."]
         if lat:
