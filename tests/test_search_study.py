@@ -142,6 +142,18 @@ def test_study_resumes_without_rerunning_finished_trials(tmp_path):
         st.open_study(StudyConfig(), tmp_path, "another key", 0, ["maximize", "minimize"], [], st.Space([], {}, {}))
 
 
+@pytest.mark.slow  # SQLAlchemy's import and schema set-up alone take seconds
+def test_study_in_a_database_given_by_url(tmp_path):
+    cfg = StudyConfig(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s1", poll_s=0.01)
+    space = st.Space.around(GROUPS, search.pareto_front([DENSE, *SWEEP]), radius=1)
+    seeds = st.seeds_for([DENSE, *SWEEP], space, Budget(max_drop=2.0), DENSE)
+    study = st.open_study(cfg, None, "key", 0, ["maximize", "minimize"], seeds, space)
+    st.refine(study, space, 3, _fake, Budget(max_drop=2.0), DENSE, [DENSE, *SWEEP], None, lambda line: None)
+    again = optuna.load_study(storage=cfg.storage, study_name="s1")
+    assert len(_own_complete(again)) == 3 and len(again.trials) >= 3 + len(seeds)
+    assert not (tmp_path / "study.journal").exists()
+
+
 def test_a_trial_started_after_the_study_is_full_is_given_back(tmp_path):
     study, space = _open(tmp_path)
     a, b = study.ask(), study.ask()  # two workers start trials together when one is still needed
