@@ -360,7 +360,8 @@ class QuantizedModel:
             "activation_type": self.types["activation_type"], "weight_type": self.types["weight_type"],
             "reduce_range": self.types["reduce_range"], "isa": self.types["isa"], "why": self.types["why"],
             "excluded": list(self.excluded), "int8_layers": [n for n in self.layers if n not in self.excluded],
-            "bn_folded": self.bn_folded, "pool_before_relu": list(self.moved), "fp32_bytes": self.fp32_bytes, "int8_bytes": self.int8_bytes,
+            "bn_folded": self.bn_folded, "pool_before_relu": list(self.moved),
+            "fp32_bytes": self.fp32_bytes, "int8_bytes": self.int8_bytes,
             "size_ratio": self.fp32_bytes / self.int8_bytes, "export_max_abs_diff": self.export.get("max_abs_diff"),
         }
 

@@ -9,9 +9,10 @@ more accurate (by more than ``accuracy_tol``). Its ``exclude`` list goes into
 :class:`~torchslim.quant.Int8Config` (or a recipe's ``quantize.method.exclude``).
 Cost: one fp32 export (every file is quantized from it, see ``fp32_onnx`` in
 :func:`~torchslim.quant.quantize`), one quantization and one evaluation per
-layer, plus one for the final choice: the model with every kept-float layer float together is quantized,
-evaluated and timed against the fp32 and all-int8 files once more (``final``),
-since layers that each pay alone need not pay together. When that file is
+layer, plus one for the final choice: the model with every kept-float layer
+float together is quantized, evaluated and timed against the fp32 and all-int8
+files once more (``final``), since layers that each pay alone need not pay
+together. When that file is
 still slower than fp32 at some batch size, all-int8 is taken if it is not, and
 otherwise every layer stays float (int8 does not pay on this model; the
 ``quantize`` stage then ships the fp32 file); ``slower_at`` names the batch
