@@ -2,8 +2,8 @@
 
 After the Lagrangian sweep, :func:`refine` runs an Optuna study over the same per-group widths:
 accuracy up, the budget's cost down (measured latency ratio, or bytes / MACs for those budgets),
-the accuracy budget as a constraint (``trial.set_constraint`` on Optuna 5, ``constraints_func``
-before). It starts from what the sweep measured: every stage-one point inside the study's space
+the budget itself as a constraint (the accuracy drop for ``max_drop``, else the bound;
+``trial.set_constraint`` on Optuna 5, ``constraints_func`` before). It starts from what the sweep measured: every stage-one point inside the study's space
 is added as a finished trial (they were measured exactly as a trial is, so they are not run
 again), and each group's widths are limited to the range the front spans, ``radius`` steps
 wider, so new trials sample near the front. A trial builds its plan from the dense model, gives
@@ -16,7 +16,8 @@ machines. Calling :func:`torchslim.search.search` again on the same folder conti
 pulling trials until it has ``trials`` finished ones. No more than ``trials`` are ever finished:
 a worker that starts a trial the study no longer needs gives it back unrun (state FAIL,
 ``user_attrs["surplus"]``). A trial whose worker died (kill -9) is found by the next worker on the
-same host, marked FAIL and its plan queued again.
+same host, marked FAIL and its plan queued again; one on another host is not (its trial stays
+RUNNING and the finishing process waits for it: fail it by hand, e.g. ``study.tell(n, state=FAIL)``).
 
 Per finished trial a line is appended to ``RUN_DIR/trials.jsonl`` (trial number, worker, point),
 the record a run can be audited with.
@@ -113,6 +114,7 @@ class Space:
 
     @classmethod
     def around(cls, groups: list[GroupChoice], front: list[Point], radius: int) -> "Space":
+        """Per group, the range of widths the front's plans use, ``radius`` steps wider on each side."""
         low, high = {}, {}
         for g in groups:
             idx = [g.keeps.index(p.plan[g.label]) for p in front if p.plan.get(g.label) in g.keeps]
