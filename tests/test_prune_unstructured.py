@@ -78,7 +78,7 @@ def test_lamp_scores_by_hand_and_keep_a_small_weight_layer_alive_at_high_sparsit
         return m
 
     by_l1, by_lamp = model(), model()
-    prune_(by_l1, UnstructuredPruning(sparsity=0.9, min_kept=0))
+    prune_(by_l1, UnstructuredPruning(sparsity=0.9, min_kept=0, criterion="l1"))
     prune_(by_lamp, UnstructuredPruning(sparsity=0.9, min_kept=0, criterion="lamp"))
     assert layer_sparsity(by_l1)["2"]["sparsity"] == 1.0
     assert layer_sparsity(by_lamp)["2"]["sparsity"] < 0.95
@@ -218,14 +218,14 @@ def test_min_kept_stops_a_layer_being_emptied_and_moves_the_rest_elsewhere():
     model = nn.Sequential(nn.Linear(20, 10), nn.Linear(10, 4))
     with torch.no_grad():
         model[1].weight.mul_(1e-3)  # every weight of the last layer ranks below the first's
-    prune_(model, UnstructuredPruning(sparsity=0.5, min_kept=6))
+    prune_(model, UnstructuredPruning(sparsity=0.5, min_kept=6, criterion="l1"))
     stats = layer_sparsity(model)
     assert stats["1"]["zeros"] == 40 - 6
     assert stats["0"]["zeros"] + stats["1"]["zeros"] == 120
     empty = nn.Sequential(nn.Linear(20, 10), nn.Linear(10, 4))
     with torch.no_grad():
         empty[1].weight.mul_(1e-3)
-    prune_(empty, UnstructuredPruning(sparsity=0.5, min_kept=0))
+    prune_(empty, UnstructuredPruning(sparsity=0.5, min_kept=0, criterion="l1"))
     assert layer_sparsity(empty)["1"]["sparsity"] == 1.0
 
 

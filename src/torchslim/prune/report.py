@@ -15,6 +15,7 @@ from torchslim.prune.unstructured import UnstructuredPruning
 _CRITERION_TEXT = {
     "l1": "weight magnitude |w| (L1)",
     "l2": "weight magnitude w² (L2)",
+    "lamp": "LAMP, layer-adaptive magnitude w² / Σ larger w² (Lee et al. 2021)",
     "taylor": "first-order Taylor |w·∂L/∂w|",
     "snip": "SNIP connection sensitivity",
     "random": "random scores (control)",
@@ -40,8 +41,8 @@ def describe_pruning(
         >>> from torchslim.prune import UnstructuredPruning, AGPSchedule
         >>> describe_pruning(UnstructuredPruning(sparsity=0.9, exclude_first_last=True),
         ...                  AGPSchedule(final_sparsity=0.9, end_step=1000, frequency=10))  # doctest: +NORMALIZE_WHITESPACE
-        'Criterion: weight magnitude |w| (L1); selection: 90% sparsity ranked globally, at least 1 weight kept
-        per layer, first and last layers excluded; schedule: gradual (AGP, Zhu & Gupta) from 0% to 90% over
+        'Criterion: LAMP, layer-adaptive magnitude w² / Σ larger w² (Lee et al. 2021); selection: 90% sparsity
+        ranked globally, at least 1 weight kept per layer, first and last layers excluded; schedule: gradual (AGP, Zhu & Gupta) from 0% to 90% over
         steps 0-1000, masks updated every 10 steps.'
     """
     cfg = as_unstructured(pruning) if isinstance(pruning, MagnitudePruning) else pruning

@@ -40,8 +40,8 @@ class SensitivityConfig(Config):
         batch_size: evaluation batch size.
 
     Example:
-        >>> SensitivityConfig(sparsities=[0.5, 0.9]).pruning.criterion
-        'l1'
+        >>> SensitivityConfig(sparsities=[0.5, 0.9]).pruning.criterion  # a layer alone: the same order as |w|
+        'lamp'
     """
 
     sparsities: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98], min_length=1)
