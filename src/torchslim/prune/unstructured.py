@@ -43,7 +43,7 @@ from torchslim.prune.selection import (
 
 _TARGETS = ("sparsity", "threshold", "han_quality", "n_m")
 #: The criterion when none is given (with a sparsity or N:M target): LAMP. At 98 % global
-#: sparsity with a 1-3 epoch fine-tune it beat |w| by 1.4-6.4 validation points on the
+#: sparsity with a 1-3 epoch fine-tune it beat |w| by 1.1-6.4 validation points on the
 #: robustness benchmark's tuning models and tied it at 95 % (``benchmarks/README.md``).
 DEFAULT_CRITERION = "lamp"
 
