@@ -209,3 +209,16 @@ def test_a_float_layer_pools_before_its_relu_so_ort_keeps_the_pool_float(data, b
     pools = [n for n in graph.node if n.op_type == "MaxPool"]
     assert any(producer[p.input[0]].op_type == "Conv" for p in pools)
     assert abs(q.evaluate(split)["accuracy"] - q.evaluate(split, precision="fp32")["accuracy"]) <= 0.03
+
+
+def test_a_layer_stays_float_only_when_that_is_slower_at_no_batch_size():
+    from torchslim.quant.precision import keep_float
+
+    ref = {"1": 1.0, "256": 40.0}
+    keep, why = keep_float({"1": 0.8, "256": 39.0}, ref, 0.90, 0.90)
+    assert keep and why.startswith("b=1: 0.800 ms with it float")
+    keep, why = keep_float({"1": 0.8, "256": 46.0}, ref, 0.90, 0.90)  # wins at b=1, pays 15% at b=256
+    assert not keep and "b=256" in why and "stays int8" in why
+    assert keep_float({"1": 1.0, "256": 40.5}, ref, 0.95, 0.90)[0]  # more accurate, no slower
+    assert not keep_float({"1": 1.0, "256": 50.0}, ref, 0.95, 0.90)[0]  # more accurate but 25% slower
+    assert keep_float({"1": 1.01, "256": 40.0}, ref, 0.9005, 0.90) == (False, "int8 is as fast and as accurate")

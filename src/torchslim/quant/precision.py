@@ -5,16 +5,18 @@ at a time kept float, and measures each file in ONNX Runtime: accuracy on a
 validation subset and latency at the given batch sizes (all files of the sweep
 timed in alternation). The rule: keep a layer float when keeping it float makes
 the model faster at some measured batch size (by more than ``latency_tol``) or
-more accurate (by more than ``accuracy_tol``). Its ``exclude`` list goes into
+more accurate (by more than ``accuracy_tol``), and slower at none (by more than
+``latency_tol``). Its ``exclude`` list goes into
 :class:`~torchslim.quant.Int8Config` (or a recipe's ``quantize.method.exclude``).
 Cost: one fp32 export (every file is quantized from it, see ``fp32_onnx`` in
 :func:`~torchslim.quant.quantize`), one quantization and one evaluation per
 layer, plus one for the final choice: the model with every kept-float layer
 float together is quantized, evaluated and timed against the fp32 and all-int8
 files once more (``final``), since layers that each pay alone need not pay
-together. When that file is
-still slower than fp32 at some batch size, all-int8 is taken if it is not, and
-otherwise every layer stays float (int8 does not pay on this model; the
+together. When that file is slower than all-int8 somewhere and no more
+accurate, or slower than fp32 at some batch size where all-int8 is not,
+all-int8 is taken; when that too is slower than fp32 somewhere, every layer
+stays float (int8 does not pay on this model; the
 ``quantize`` stage then ships the fp32 file); ``slower_at`` names the batch
 sizes where the final file is slower than fp32.
 """
@@ -80,16 +82,10 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
             latency[k][str(b)] = timed[k]["median_ms"]
     layers = {}
     for name in names:
-        faster = [b for b in latency[name] if latency[name][b] < (1 - latency_tol) * latency["all_int8"][b]]
-        better = accuracy[name] > accuracy["all_int8"] + accuracy_tol
-        why = []
-        for b in faster:
-            why.append(f"b={b}: {latency[name][b]:.3f} ms with it float vs {latency['all_int8'][b]:.3f} ms all int8")
-        if better:
-            why.append(f"accuracy {100 * accuracy[name]:.2f}% with it float vs {100 * accuracy['all_int8']:.2f}% "
-                       "all int8")
-        layers[name] = {"accuracy": accuracy[name], "latency_ms": latency[name], "keep_float": bool(why),
-                        "why": "; ".join(why) or "int8 is as fast and as accurate"}
+        lat = latency[name]
+        keep, why = keep_float(lat, latency["all_int8"], accuracy[name], accuracy["all_int8"], latency_tol,
+                               accuracy_tol)
+        layers[name] = {"accuracy": accuracy[name], "latency_ms": lat, "keep_float": keep, "why": why}
     exclude = list(config.exclude) + [n for n in names if layers[n]["keep_float"]]
     slower = all(latency["all_int8"][b] > latency["fp32"][b] for b in latency["fp32"])
     final = None
@@ -97,12 +93,46 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
     slower_at = [b for b in latency["fp32"] if latency["all_int8"][b] > latency["fp32"][b]]
     if verify:
         final, chosen_model, slower_at = _verify(model, config, calib, base, exclude, names, sub, one_input,
-                                                 batch_sizes, threads, budget_s, example)
+                                                 batch_sizes, threads, budget_s, example,
+                                                 accuracy["all_int8"], accuracy_tol, latency_tol)
     return {"final": final, "slower_at": slower_at, "quantized": chosen_model,
             "all_int8": {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"]},
             "fp32": {"accuracy": accuracy["fp32"], "latency_ms": latency["fp32"]},
             "layers": layers, "exclude": exclude, "int8_slower_than_fp32": slower,
             "samples": len(sub.y), "quantizable": [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]}
+
+
+def keep_float(latency_ms: dict[str, float], all_int8_ms: dict[str, float], accuracy: float, all_int8_accuracy: float,
+               latency_tol: float = 0.03, accuracy_tol: float = 0.001) -> tuple[bool, str]:
+    """The per-layer rule: should a layer stay float, given the model measured with it float and all int8?
+
+    Float when that is faster at some batch size (by more than ``latency_tol``) or more
+    accurate (by more than ``accuracy_tol``), and slower at no batch size (by more than
+    ``latency_tol``): a gain at one batch size must not be paid for at another (a float
+    first conv can win at b=1 and lose 15% at b=256 to its boundary's QuantizeLinear).
+
+    Args:
+        latency_ms: ``{batch size: median ms}`` with the layer float.
+        all_int8_ms: the same for the all-int8 file.
+        accuracy: accuracy with the layer float; all_int8_accuracy: all int8.
+
+    Returns:
+        ``(keep_float, why)``.
+
+    Example:
+        >>> keep_float({"1": 0.8, "256": 50.0}, {"1": 1.0, "256": 40.0}, 0.9, 0.9)[0]
+        False
+    """
+    faster = [b for b in latency_ms if latency_ms[b] < (1 - latency_tol) * all_int8_ms[b]]
+    slower = [b for b in latency_ms if latency_ms[b] > (1 + latency_tol) * all_int8_ms[b]]
+    why = [f"b={b}: {latency_ms[b]:.3f} ms with it float vs {all_int8_ms[b]:.3f} ms all int8" for b in faster]
+    if accuracy > all_int8_accuracy + accuracy_tol:
+        why.append(f"accuracy {100 * accuracy:.2f}% with it float vs {100 * all_int8_accuracy:.2f}% all int8")
+    keep = bool(why) and not slower
+    if why and slower:
+        why.append("but slower at " + ", ".join(f"b={b}: {latency_ms[b]:.3f} ms vs {all_int8_ms[b]:.3f} ms"
+                                                for b in slower) + ": stays int8")
+    return keep, "; ".join(why) or "int8 is as fast and as accurate"
 
 
 def _requantize(model: nn.Module, config: Int8Config, calib: Any, base: Any, exclude: tuple[str, ...],
@@ -115,13 +145,15 @@ def _requantize(model: nn.Module, config: Int8Config, calib: Any, base: Any, exc
 
 def _verify(model: nn.Module, config: Int8Config, calib: Any, base: Any, exclude: list[str], names: list[str],
             sub: Any, one_input: Any, batch_sizes: Sequence[int], threads: int | None, budget_s: float,
-            example: Any) -> tuple[dict[str, Any], Any, list[str]]:
-    """Time the chosen file against fp32 and all-int8; fall back when it is still slower than fp32.
+            example: Any, base_accuracy: float, accuracy_tol: float, latency_tol: float
+            ) -> tuple[dict[str, Any], Any, list[str]]:
+    """Time the chosen file against fp32 and all-int8; fall back when it does not pay.
 
     Layers that each pay when kept float alone need not pay together (every float/int8
     boundary adds a QuantizeLinear or DequantizeLinear), so the choice is measured once
-    more. If it is slower than fp32 at some batch size, all-int8 is taken when that is
-    not; when neither is, every layer stays float: int8 does not pay on this model.
+    more. All-int8 is taken instead when the choice is slower than all-int8 at some batch
+    size without being more accurate, or slower than fp32 where all-int8 is not; when
+    both are slower than fp32 somewhere, every layer stays float: int8 does not pay here.
     """
     from torchslim.measure.ort import compare_ort_latency, ort_accuracy  # noqa: PLC0415
 
@@ -142,23 +174,27 @@ def _verify(model: nn.Module, config: Int8Config, calib: Any, base: Any, exclude
         return [b for b in lat["fp32"] if lat[key][b] > lat["fp32"][b]]
 
     fallback = None
-    if slower_at("chosen") and exclude != list(config.exclude) and not slower_at("all_int8"):
-        exclude, chosen, key = list(config.exclude), base, "all_int8"
+    key = "chosen"
+    accuracy = ort_accuracy(chosen.int8_onnx, sub.x, sub.y, threads=threads) if chosen is not base else base_accuracy
+    behind = [b for b in lat["fp32"] if lat["chosen"][b] > (1 + latency_tol) * lat["all_int8"][b]]
+    if exclude != list(config.exclude) and behind and accuracy <= base_accuracy + accuracy_tol:
+        fallback = ("the chosen float layers together were slower than all int8 ("
+                    + ", ".join(f"b={b}: {lat['chosen'][b]:.3f} ms vs {lat['all_int8'][b]:.3f} ms" for b in behind)
+                    + ") and no more accurate: all int8 taken")
+        exclude, chosen, key, accuracy = list(config.exclude), base, "all_int8", base_accuracy
+    if slower_at(key) and key == "chosen" and exclude != list(config.exclude) and not slower_at("all_int8"):
+        exclude, chosen, key, accuracy = list(config.exclude), base, "all_int8", base_accuracy
         fallback = "the chosen float layers together were slower than fp32; all int8 is not"
-    elif slower_at("chosen"):
-        key = "chosen"
-        worst = ", ".join(f"b={b}: {lat['chosen'][b]:.3f} ms vs fp32 {lat['fp32'][b]:.3f} ms"
-                          for b in slower_at("chosen"))
+    elif slower_at(key):
+        worst = ", ".join(f"b={b}: {lat[key][b]:.3f} ms vs fp32 {lat['fp32'][b]:.3f} ms" for b in slower_at(key))
         exclude = list(dict.fromkeys(list(config.exclude) + names))
         chosen = build(exclude)
+        accuracy = ort_accuracy(chosen.int8_onnx, sub.x, sub.y, threads=threads)
         fallback = (f"int8 stays slower than fp32 ({worst}; all int8: "
                     + ", ".join(f"b={b}: {lat['all_int8'][b]:.3f} ms" for b in lat["fp32"])
                     + "): every layer kept float")
-    else:
-        key = "chosen"
-    final = {"accuracy": ort_accuracy(chosen.int8_onnx, sub.x, sub.y, threads=threads),
-             "latency_ms": lat[key], "fp32_latency_ms": lat["fp32"], "exclude": exclude, "fallback": fallback,
-             "measured": lat}
+    final = {"accuracy": accuracy, "latency_ms": lat[key], "fp32_latency_ms": lat["fp32"], "exclude": exclude,
+             "fallback": fallback, "measured": lat}
     # Every layer float: the file is the float model, not slower by construction.
     still = [] if set(exclude) >= set(base.layers) else slower_at(key)
     return final, chosen, still
