@@ -28,8 +28,8 @@ Beside them, for the models in ``--qat-models`` (default ``fmnist_student``) and
 
 Every int8 file is evaluated by running it in ONNX Runtime (accuracy on the test
 split), sized on disk, and timed in ONNX Runtime at batch 1 and 256 with the same
-pinned threads, all files of a model timed run by run in alternation
-(:func:`torchslim.measure.compare_ort_latency`); torch eager is timed beside.
+pinned threads, all files of a model and its torch eager form timed run by run in
+alternation (:func:`torchslim.measure.compare_ort_latency` with ``torch_models``).
 
 Output: JSON lines on stdout (``config``, one ``result`` per model and method,
 ``summary`` with the issue's targets). Run from the repository root::
@@ -58,7 +58,7 @@ import torch
 import torchslim as ts
 from torchslim.data import load_dataset
 from torchslim.errors import DataError
-from torchslim.measure import compare_ort_latency, measure_latency, ort_accuracy
+from torchslim.measure import compare_ort_latency, ort_accuracy
 from torchslim.quant import Int8Config, cpu_int8_profile, quantize
 from torchslim.quant.precision import int8_layer_sweep
 from torchslim.quant.qat import QATConfig, qat, qat_agreement
@@ -108,9 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qat-epochs", type=int, default=None, help="QAT+KD epochs (default 1 quick, 3 full)")
     parser.add_argument("--precision-models", nargs="*", default=list(MODELS), choices=MODELS,
                         help="models given the per-layer precision sweep (default: every model)")
+    parser.add_argument("--test-limit", type=int, default=None,
+                        help="test samples evaluated (default 2000 quick, all otherwise; 0: all)")
     args = parser.parse_args(argv)
     quick = args.quick
     train_limit, test_limit, epochs = (6000, 2000, 1) if quick else (None, None, 3)
+    if args.test_limit is not None:
+        test_limit = args.test_limit or None
     calib_n = args.calibration_samples or (256 if quick else 512)
     budget = args.budget_s or (0.3 if quick else 1.0)
     torch.set_num_threads(args.threads)
@@ -178,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         acc = {k: ort_accuracy(v, test.x, test.y, threads=args.threads) for k, v in files.items()}
         lat: dict[str, dict[str, float]] = {k: {} for k in files}
         for b in (1, 256):
-            timed = compare_ort_latency(files, test.x[:1], b, threads=args.threads, budget_s=budget)
+            # torch eager in the same rotation as the ONNX files, so its ratios are alternated too.
+            timed = compare_ort_latency(files, test.x[:1], b, threads=args.threads, budget_s=budget,
+                                        torch_models={"torch_eager": model})
             for k in files:
                 lat[k][str(b)] = timed[k]["median_ms"]
-            lat.setdefault("torch_eager", {})[str(b)] = measure_latency(model, test.x[:1], b, threads=args.threads,
-                                                                        budget_s=budget)["median_ms"]
+            lat.setdefault("torch_eager", {})[str(b)] = timed["torch_eager"]["median_ms"]
         for method in files:
             rec = {"result": {"model": name, "origin": origin, "method": method, "runtime": "onnxruntime",
                               "accuracy": acc[method], "drop_points": 100 * (acc["fp32"] - acc[method]),
