@@ -37,7 +37,9 @@ def model(splits):
 @pytest.fixture(scope="module")
 def result(model, splits, tmp_path_factory):
     out = tmp_path_factory.mktemp("auto")
-    space = SearchSpace(keep=[1.0, 0.5], bn_batches=1, max_candidates=3, exclude=["features.3", "features.10"])
+    # fp32 only: the int8 axis has its own tests (tests/test_search_precision.py)
+    space = SearchSpace(keep=[1.0, 0.5], bn_batches=1, max_candidates=3, precision=["fp32"],
+                        exclude=["features.3", "features.10"])
     lines: list[str] = []
     r = search.search(model, splits.train, splits.val, Budget(macs=0.8, batch=16, latency_budget_s=0.01), space,
                       finetune=ts.TrainConfig(epochs=1), test=splits.test, out=out, recipe_data=DATA,
@@ -151,14 +153,15 @@ def test_cli_auto_end_to_end(model, tmp_path, capsys):
     ts.save(model, tmp_path / "m.slim")
     rc = main(["auto", str(tmp_path / "m.slim"), "--data", "digits", "--macs", "0.9x", "--batch", "16",
                "--keep", "1,0.5", "--max-candidates", "2", "--latency-budget", "0.01", "--exclude", "features.3",
-               "features.7", "features.10", "--out", str(tmp_path / "auto")])
+               "features.7", "features.10", "--precision", "fp32", "--out", str(tmp_path / "auto")])
     printed = capsys.readouterr().out
     assert rc == 0 and "[1/" in printed and "reproduce with: torchslim run" in printed
     assert (tmp_path / "auto" / "recipe.yaml").is_file()
 
 
 def test_trial_finetune_ranks_candidates_after_a_short_kd_finetune(model, splits):
-    space = SearchSpace(keep=[1.0, 0.5], exclude=["re:features.*"], bn_batches=1, max_candidates=1)
+    space = SearchSpace(keep=[1.0, 0.5], exclude=["re:features.*"], bn_batches=1, max_candidates=1,
+                        precision=["fp32"])
     r = search.search(model, splits.train, splits.val, Budget(macs=1.0, batch=16, latency_budget_s=0.01), space,
                       uniform=False, trial_finetune=ts.TrainConfig(epochs=1, batch_size=64), trial_samples=128)
     cut = [p for p in r.points if p.source == "sweep"]

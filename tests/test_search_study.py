@@ -26,7 +26,7 @@ from torchslim.search.space import GroupChoice
 
 optuna = pytest.importorskip("optuna")
 
-SPACE = SearchSpace(keep=[1.0, 0.75, 0.5], bn_batches=1, max_candidates=2,
+SPACE = SearchSpace(keep=[1.0, 0.75, 0.5], bn_batches=1, max_candidates=2, precision=["fp32"],
                     exclude=["features.0", "features.3", "features.7"])
 BUDGET = Budget(max_drop=5.0, batch=16, latency_budget_s=0.01)
 TRIAL = {"trial_finetune": ts.TrainConfig(epochs=1, batch_size=32), "trial_samples": 64}
@@ -196,7 +196,7 @@ torch.set_num_threads(1)
 import torchslim as ts
 from torchslim.search import Budget, SearchSpace, StudyConfig, search_worker
 splits = ts.data.load_dataset("digits")
-space = SearchSpace(keep=[1.0, 0.75, 0.5], bn_batches=1, max_candidates=2,
+space = SearchSpace(keep=[1.0, 0.75, 0.5], bn_batches=1, max_candidates=2, precision=["fp32"],
                     exclude=["features.0", "features.3", "features.7"])
 budget = Budget(max_drop=5.0, batch=16, latency_budget_s=0.01)
 n = search_worker(ts.load(sys.argv[1]).eval(), splits.train, splits.val, budget,
@@ -240,6 +240,7 @@ def test_cli_auto_trials_workers_and_resume(model, tmp_path, capsys):
     ts.save(model, tmp_path / "m.slim")
     out = tmp_path / "auto"
     base = ["auto", str(tmp_path / "m.slim"), "--data", "digits", "--max-drop", "5", "--batch", "16", "--threads", "1",
+            "--precision", "fp32",
             "--keep", "1,0.75,0.5", "--max-candidates", "2", "--latency-budget", "0.01", "--exclude", "features.0",
             "features.3", "features.7", "--trial-samples", "64", "--out", str(out)]
     assert main([*base, "--trials", "2", "--workers", "2"]) == 0

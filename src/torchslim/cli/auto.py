@@ -71,6 +71,7 @@ def run_auto(args: argparse.Namespace) -> int:
     return 0
 
 
+_PRECISION = {"fp32": ["fp32"], "int8": ["int8"], "both": ["fp32", "int8"]}
 _WORKER_KEYS = ("model", "train", "val", "budget", "space", "trials", "out", "study", "seed",
                 "trial_finetune", "trial_samples")
 
@@ -139,8 +140,11 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
     given = {"max_drop": args.max_drop, "latency": args.latency, "size_bytes": args.size, "macs": args.macs}
     budget = search.Budget(**{k: v for k, v in given.items() if v is not None}, batch=args.batch,
                            runtime=args.runtime, threads=args.threads or 1, latency_budget_s=args.latency_budget)
+    # getattr: an auto.json written before the precision axis existed has no "precision" (fp32 then)
+    precision = getattr(args, "precision", "fp32")
     space = search.SearchSpace(keep=args.keep, round_to=args.round_to, max_candidates=args.max_candidates,
-                               exclude=args.exclude)
+                               exclude=args.exclude,
+                               precision=None if precision is None else _PRECISION[precision])
     model = load(args.model, factory=args.factory).cpu().eval()
     val = {"val_size": args.val_size} if args.val_size else {"val_fraction": 0.1}
     data = {"dataset": args.data, **val, **({"root": args.root} if args.root else {}),

@@ -312,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--round-to", type=int, default=1, help="kept channel counts are multiples of this")
     auto.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="groups never cut (names or re:)")
     auto.add_argument("--max-candidates", type=int, default=12, help="plans of the sweep built and measured")
+    auto.add_argument("--precision", choices=["fp32", "int8", "both"],
+                      help="precision of the measured points: every plan also as a static int8 ONNX file "
+                      "(int8: int8 points only, the dense fp32 model the reference; default both when "
+                      "onnxruntime's quantization is installed and --runtime is ort, else fp32)")
     auto.add_argument("--latency-budget", type=float, default=0.5, help="seconds of timing per measurement")
     auto.add_argument("--finetune-epochs", type=int, default=1, help="KD fine-tune of the chosen plan (0: none)")
     auto.add_argument("--trials", type=int, help="Optuna trials refining the front, counted over the whole study "

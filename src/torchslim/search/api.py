@@ -12,7 +12,12 @@ The loop (NetAdapt's tables, a Lagrangian allocation, every reported point measu
 4. choice: the best point the budget allows gets a short KD fine-tune from the dense model,
    exactly as the emitted recipe's ``finetune`` stage does it, and is scored once on test.
 
-Extension points for the axes not searched yet (unstructured sparsity, int8, weight-sharing
+Precision: with int8 in ``SearchSpace.precision`` (the default when ONNX Runtime's quantization is
+installed) every plan measured in step 3, the dense model included, is also quantized to static
+int8 and measured as that file (:mod:`~torchslim.search.precision`); those points join the front,
+and a chosen int8 plan is fine-tuned in float, then quantized as the recipe's ``quantize`` stage does.
+
+Extension points for the axes not searched yet (unstructured sparsity, weight-sharing
 bits): a new list of choices per group in :class:`~torchslim.search.SearchSpace`, a table per
 axis in :mod:`~torchslim.search.sensitivity`, the per-group choice in
 :func:`~torchslim.search.allocate.lagrangian_plans` taken over the product of the axes, and a
@@ -38,6 +43,7 @@ from torchslim.errors import ConfigError, TorchSlimError
 from torchslim.search.allocate import lagrangian_plans, pick_spread
 from torchslim.search.budget import Budget, SearchSpace
 from torchslim.search.front import Point, pareto_front, plot_front, write_json
+from torchslim.search.precision import finish_int8, int8_config, measure_int8, quantize_stage, resolve_precision
 from torchslim.search.sensitivity import Measurer, Tables, accuracy, build_tables
 from torchslim.search.space import GroupChoice, channel_groups, dense_plan, plan_config, plan_key, uniform_plan
 
@@ -61,7 +67,8 @@ class SearchResult:
         front: the Pareto front of the measured points (fastest first).
         points: every measured point (dense, sweep, uniform baselines).
         chosen: the front point the budget picked (before fine-tuning).
-        best: the chosen model, fine-tuned (a new ``nn.Module``).
+        best: the chosen model, fine-tuned (a new ``nn.Module``; float even when the chosen point is
+            int8: its int8 file is ``quantized``).
         dense: the dense model's point.
         metrics: of ``best``: ``val_accuracy``, ``test_accuracy`` (None without ``test``), ``val_drop``.
         tables: the per-group sensitivity and latency tables.
@@ -69,6 +76,9 @@ class SearchResult:
         groups: the searched groups.
         recipe: the v2 recipe document that reproduces ``best`` (None without ``recipe_data``).
         seconds: wall time of the search.
+        files: the files written in ``out`` (``onnx`` is ``model.onnx``: the int8 file when the chosen
+            point is int8, with the float export beside it as ``model.fp32.onnx``).
+        quantized: the chosen model's :class:`~torchslim.quant.QuantizedModel` when it is int8, else None.
     """
 
     front: list[Point]
@@ -83,18 +93,21 @@ class SearchResult:
     recipe: dict[str, Any] | None = None
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    quantized: Any = None
 
     def summary(self) -> str:
         """A table of the front, the chosen point marked, and the chosen model's final figures."""
-        lines = ["| | source | val acc | drop | latency p50 (ms) | p90 | x dense | MACs | bytes |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for p in [self.dense, *[q for q in self.front if q is not self.dense]]:
+        lines = ["| | source | precision | val acc | drop | latency p50 (ms) | p90 | x dense | MACs | bytes |",
+                 "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        shown = [self.dense, *[q for q in self.front if q is not self.dense]]
+        for p in shown + ([self.chosen] if self.chosen not in shown else []):
             mark = "*" if p is self.chosen else ""
-            lines.append(f"| {mark} | {p.source} | {100 * p.accuracy:.2f} | {p.drop:+.2f} | {p.latency_p50_ms:.2f} | "
+            lines.append(f"| {mark} | {p.source} | {p.precision} | {100 * p.accuracy:.2f} | {p.drop:+.2f} | {p.latency_p50_ms:.2f} | "
                          f"{p.latency_p90_ms:.2f} | {p.latency_ratio:.3f} | {p.macs:,} | {p.bytes:,} |")
         m = self.metrics
         test = f", test {100 * m['test_accuracy']:.2f}%" if m.get("test_accuracy") is not None else ""
-        lines.append(f"chosen plan after fine-tuning: val {100 * m['val_accuracy']:.2f}% "
+        kind = "int8 file in ONNX Runtime" if m.get("precision") == "int8" else "fp32"
+        lines.append(f"chosen plan after fine-tuning ({kind}): val {100 * m['val_accuracy']:.2f}% "
                      f"({m['val_drop']:+.2f} points vs dense){test}; latency {self.chosen.latency_ratio:.3f}x dense")
         e = self.prediction_error
         lines.append(f"latency table vs end-to-end: mean |error| {100 * e['latency_mean_abs']:.1f}% of dense "
@@ -170,8 +183,10 @@ def _plain(config: Any) -> dict[str, Any]:
 
 
 def recipe_document(model_ref: dict[str, Any], data: dict[str, Any], method: Any, finetune: Any, *,
-                    seed: int = 0, name: str = "auto", kd: Any = None) -> dict[str, Any]:
-    """The v2 recipe of a chosen plan: prune_channels (the plan's overrides) → KD finetune → evaluate → export."""
+                    seed: int = 0, name: str = "auto", kd: Any = None, quantize: Any = None,
+                    batch: int = 256) -> dict[str, Any]:
+    """The v2 recipe of a chosen plan: prune_channels (the plan's overrides) → KD finetune → [quantize] →
+    evaluate → export; ``quantize`` (an :class:`~torchslim.quant.Int8Config`) adds the int8 stage."""
     stages: list[dict[str, Any]] = [{"kind": "prune_channels", "id": PRUNE_ID, "input": "dense",
                                      "label": "channels removed (searched plan)", "method": _plain(method)}]
     if finetune is not None and finetune.epochs > 0:
@@ -180,6 +195,8 @@ def recipe_document(model_ref: dict[str, Any], data: dict[str, Any], method: Any
         if kd is not None:
             stage["objective"] = _plain(kd)
         stages.append(stage)
+    if quantize is not None:
+        stages.append(quantize_stage(quantize, stages[-1]["id"], batch))
     stages += [{"kind": "evaluate", "latency": True, "latency_batch_sizes": [1, 256]}, {"kind": "export", "onnx": True}]
     return {"version": 2, "name": name, "seed": seed, "data": data, "models": {"dense": model_ref}, "stages": stages}
 
@@ -283,7 +300,7 @@ def search(
     if trials > 0:
         points = points + _refine(run, dense, tables, points, trials, folder, say, wait=True,
                                   on_ready=on_study_ready)[0]
-    swept = [p for p in points if p.source != "dense"]
+    swept = [p for p in points if p.source != "dense" and p.precision == "fp32"]  # int8 points have no prediction
     lat_err = [abs(p.predicted_latency - p.latency_ratio) for p in swept]
     drop_err = [abs(p.predicted_drop - p.drop) for p in swept]
     error = {"latency_mean_abs": sum(lat_err) / max(len(lat_err), 1), "latency_max_abs": max(lat_err, default=0.0),
@@ -294,29 +311,38 @@ def search(
                                "groups": [g.__dict__ for g in groups], "tables": tables.to_dict(),
                                "prediction_error": error, "points": [p.to_dict() for p in points],
                                "front": [p.to_dict() for p in front], "trials": trials,
+                               "precision": list(run.precision),
                                "accuracy_measured": "after a trial KD fine-tune" if trial is not None else
                                "after the cut and BatchNorm re-estimation, no fine-tune"}
     try:
-        chosen = choose(front, budget, dense)
+        # The front is accuracy against latency: the smallest files (int8 ones that are not faster)
+        # need not be on it, so a size bound chooses among every measured point.
+        chosen = choose(points if budget.size_bytes is not None else front, budget, dense)
     except InfeasibleBudget as exc:
         if folder is not None:
             write_json(folder / "pareto.json", {**payload, "chosen": None, "infeasible": str(exc)})
             plot_front(folder / "pareto.png", points, front, None, budget.describe(), _ylabel(payload))
         raise
     best_model, metrics = _finish(m, chosen, train, val, test, finetune, kd, seed, run.dense_acc)
+    quantized = None
+    if chosen.precision == "int8":
+        quantized, q_metrics = finish_int8(best_model, int8_config(space), train, val, test, budget.threads,
+                                           run.dense_acc)
+        metrics = {**metrics, **q_metrics}
     if chosen.source == "dense":
         finetune = None  # the dense model is returned as it is, so its recipe must not fine-tune it either
     recipe = None
     files: dict[str, str] = {}
     if folder is not None:
         files = _write(folder, m, model, best_model, chosen, points, front, payload, metrics, budget, space,
-                       finetune, kd, seed, recipe_data, recipe_model, groups)
+                       finetune, kd, seed, recipe_data, recipe_model, groups, quantized)
         recipe = files.pop("_recipe", None)  # type: ignore[assignment]
     elif recipe_data is not None:
         recipe = recipe_document(recipe_model or _model_ref(model, "dense.slim"), recipe_data,
-                                 plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd)
+                                 plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd,
+                                 quantize=int8_config(space) if quantized is not None else None, batch=budget.batch)
     return SearchResult(front, points, chosen, best_model, dense, metrics, tables, error, groups,
-                        recipe, time.time() - start, files)
+                        recipe, time.time() - start, files, quantized)
 
 
 def search_worker(model: nn.Module, train: Any, val: Any, budget: Budget, space: SearchSpace | None = None, *,
@@ -364,6 +390,8 @@ class _Run:
     study_cfg: Any
     trials: int = 0
     dense_acc: float = 0.0
+    precision: tuple[str, ...] = ("fp32",)
+    last_model: Any = None  # the model the last measure() built, for its int8 twin
 
     def measure(self, plan: dict[str, int], source: str, tables: Tables | None, dense: Point | None) -> Point:
         """Build ``plan`` from the dense model (trial KD fine-tune, else BatchNorm re-estimation) and measure it."""
@@ -377,6 +405,7 @@ class _Run:
             built.eval()
         else:
             built = m.build(plan)
+        self.last_model = built
         acc = accuracy(built, self.val.x, self.val.y)
         lat = m.latency(built)
         pred = tables.predict(plan) if tables is not None and source != "dense" else (None, None)
@@ -384,6 +413,11 @@ class _Run:
                      1.0 if source == "dense" else lat["ratio"], lat["bytes"], m.macs(built), pred[0], pred[1],
                      self.budget.batch, self.budget.runtime,
                      {"trial_finetune_epochs": trial.epochs if trial is not None and source != "dense" else 0})
+
+    def measure_int8(self, twin: Point) -> Point:
+        """The last measured model quantized to int8, measured as that file (see :mod:`~torchslim.search.precision`)."""
+        return measure_int8(self.m, self.last_model, twin, int8_config(self.space), self.m.train_x, self.val,
+                            self.dense_acc, self.budget)
 
 
 def _prepare(model: nn.Module, train: Any, val: Any, budget: Budget, space: SearchSpace, kd: Any, seed: int,
@@ -404,9 +438,10 @@ def _prepare(model: nn.Module, train: Any, val: Any, budget: Budget, space: Sear
         raise ConfigError("no channel group of this model can be searched (all excluded, frozen or too small)")
     m = Measurer(copy.deepcopy(model).eval(), groups, space, budget, train.x)
     trial = trial_finetune if trial_finetune is not None and trial_finetune.epochs > 0 else None
+    precision = resolve_precision(space, budget, trials)  # before anything is measured
     key = settings_key(model, train, val, budget, space, kd, seed, uniform, trial, trial_samples)
     run = _Run(m, groups, val, budget, space, kd, seed, uniform, trial, _subset(train, trial_samples), key,
-               study or StudyConfig(), trials)
+               study or StudyConfig(), trials, precision=precision)
     run.dense_acc = accuracy(m.dense, val.x, val.y)
     return run
 
@@ -440,10 +475,16 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
             if f < 1 and plan_key(u) != dense_key:
                 todo.append((u, "uniform"))  # measured even when the sweep chose it too: the baseline curve
     points = [dense]
+    int8 = "int8" in run.precision
+    if int8:
+        points.append(_say_int8(run.measure_int8(dense), say))
     start = loop_start = time.time()
     for i, (plan, source) in enumerate(todo, 1):
         p = run.measure(plan, source, tables, dense)
-        points.append(p)
+        if "fp32" in run.precision:  # with int8 alone the fp32 file is timed only as the int8 file's source
+            points.append(p)
+        if int8:
+            points.append(_say_int8(run.measure_int8(p), say))
         ok = [q for q in points if _feasible(q, budget, dense)]
         best = (min(ok, key=lambda q: q.latency_ratio) if budget.max_drop is not None
                 else max(ok, key=lambda q: q.accuracy)) if ok else None
@@ -463,6 +504,8 @@ def _refine(run: _Run, dense: Point, tables: Tables, points: list[Point], trials
     """Run the study's trials (this process's share): every finished trial's point, and how many ran here."""
     from torchslim.search import study as st
 
+    # Trials refine fp32 channel plans: an int8 point must be neither a seed nor a trial's twin.
+    points = [p for p in points if p.precision == "fp32"]
     front = pareto_front(points)
     space = st.Space.around(run.groups, front, run.study_cfg.radius)
     seeds = st.seeds_for(points, space, run.budget, dense)
@@ -478,6 +521,12 @@ def _refine(run: _Run, dense: Point, tables: Tables, points: list[Point], trials
     found = st.trial_points(study)
     say(f"study {run.study_cfg.study_name!r}: this process ran {ran} trial(s); {len(found)} distinct trial points")
     return found, ran
+
+
+def _say_int8(p: Point, say: Callable[[str], None]) -> Point:
+    say(f"        int8 of that plan: val {100 * p.accuracy:6.2f}% ({p.drop:+.2f} pts) latency {p.latency_ratio:.3f}x "
+        f"{p.latency_p50_ms:.2f} ms, {p.bytes:,} bytes")
+    return p
 
 
 def _ylabel(payload: dict[str, Any]) -> str:
@@ -515,7 +564,7 @@ def _finish(m: Measurer, chosen: Point, train: Any, val: Any, test: Any, finetun
 def _write(folder: Path, m: Measurer, model: nn.Module, best: nn.Module, chosen: Point, points: list[Point],
            front: list[Point], payload: dict[str, Any], metrics: dict[str, Any], budget: Budget, space: SearchSpace,
            finetune: Any, kd: Any, seed: int, recipe_data: Any, recipe_model: Any,
-           groups: list[GroupChoice]) -> dict[str, Any]:
+           groups: list[GroupChoice], quantized: Any = None) -> dict[str, Any]:
     from torchslim.atomic import atomic_path
     from torchslim.export import export_onnx, save
 
@@ -523,16 +572,22 @@ def _write(folder: Path, m: Measurer, model: nn.Module, best: nn.Module, chosen:
     write_json(folder / "pareto.json", {**payload, "chosen": chosen.to_dict(), "final": metrics})
     plot_front(folder / "pareto.png", points, front, chosen, budget.describe(), _ylabel(payload))
     save(best, folder / "model.slim")
-    export_onnx(best, m.example, folder / "model.onnx")
     files: dict[str, Any] = {k: str(folder / f) for k, f in (("pareto_json", "pareto.json"),
                              ("pareto_png", "pareto.png"), ("model", "model.slim"), ("onnx", "model.onnx"))}
+    if quantized is not None:  # model.onnx is the file the search chose: the int8 one
+        quantized.export_onnx(folder / "model.onnx")
+        quantized.export_onnx(folder / "model.fp32.onnx", precision="fp32")
+        files["fp32_onnx"] = str(folder / "model.fp32.onnx")
+    else:
+        export_onnx(best, m.example, folder / "model.onnx")
     if recipe_data is not None:
         save(model, folder / "dense.slim")
         doc = recipe_document(recipe_model or _model_ref(model, "dense.slim"), recipe_data,
-                              plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd)
+                              plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd,
+                              quantize=int8_config(space) if quantized is not None else None, batch=budget.batch)
         plan = ", ".join(f"{label} {keep}" for label, keep in chosen.plan.items())
         text = (f"# Found by torchslim auto ({budget.describe()}).\n# Plan, kept channels per group (named by the "
-                f"layer writing them): {plan}.\n# Overrides name a layer found in that group only.\n"
+                f"layer writing them): {plan}; precision {chosen.precision}.\n# Overrides name a layer found in that group only.\n"
                 f"# Reproduce with: torchslim run {folder / 'recipe.yaml'}\n") + yaml.safe_dump(doc, sort_keys=False)
         with atomic_path(folder / "recipe.yaml") as tmp:
             Path(tmp).write_text(text, encoding="utf-8")

@@ -23,7 +23,8 @@ class Budget(Config):
             against the dense model on the validation split.
         latency: largest latency as a fraction of the dense model's, measured in ``runtime``
             at ``batch`` (0.25 = 4× faster).
-        size_bytes: largest serialized size of the compressed model (fp32 ONNX bytes).
+        size_bytes: largest serialized size of the compressed model (bytes of its ONNX file:
+            the fp32 file, or the int8 file for an int8 point).
         macs: largest MACs as a fraction of the dense model's.
         batch: samples per timed run.
         runtime: ``"ort"`` (ONNX Runtime, CPU, the deployment runtime) or ``"torch"`` (eager).
@@ -75,10 +76,10 @@ class Budget(Config):
 class SearchSpace(Config):
     """What the search may change, per coupled channel group.
 
-    Only the channel axis exists in this version: per group, the fraction of its
-    channels kept. Unstructured sparsity, int8-or-float and weight-sharing bits are
-    further axes to add here (each a list of choices per group), with their own
-    sensitivity and latency tables.
+    Two axes: per group, the fraction of its channels kept; and the precision of the
+    whole file (every measured channel plan also quantized to static int8 in ONNX
+    Runtime and measured as that file, see :mod:`~torchslim.search.precision`).
+    Unstructured sparsity and weight-sharing bits are further axes to add here.
 
     Attributes:
         keep: fractions of each group's channels that may be kept (1.0 = untouched is
@@ -97,6 +98,13 @@ class SearchSpace(Config):
         sensitivity_samples: validation samples used for the per-group sensitivity.
         lambdas: points of the Lagrangian sweep (trade-offs between drop and latency).
         max_candidates: most plans of the sweep that are built and measured.
+        precision: the precisions a point may have: ``["fp32"]``, ``["int8"]`` (the dense fp32
+            model stays as the reference) or both; None (default): both when ONNX Runtime's
+            quantization can be imported and the budget's runtime is ``"ort"``, else fp32.
+            Each int8 point costs one quantization, one ONNX Runtime evaluation of the
+            validation split and one timing.
+        int8_calibration_samples: training inputs int8 is calibrated on (a seeded subset, as
+            the ``quantize`` stage draws it).
 
     Example:
         >>> from torchslim.search import SearchSpace
@@ -113,6 +121,8 @@ class SearchSpace(Config):
     sensitivity_samples: int = Field(2000, ge=1)
     lambdas: int = Field(48, ge=2, le=10000)
     max_candidates: int = Field(12, ge=1, le=1000)
+    precision: list[Literal["fp32", "int8"]] | None = None
+    int8_calibration_samples: int = Field(512, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _check_keep(self) -> "SearchSpace":
@@ -121,4 +131,7 @@ class SearchSpace(Config):
         for k in self.keep:
             if not 0.0 < k <= 1.0:
                 raise ValueError(f"keep fractions must be in (0, 1], got {k}")
+        if self.precision is not None and (not self.precision or len(set(self.precision)) != len(self.precision)):
+            raise ValueError(f"precision must list 'fp32' and/or 'int8' once each (or be None: both when "
+                             f"available), got {self.precision}")
         return self

@@ -23,10 +23,14 @@ class Point:
         drop: accuracy points lost against the dense model (validation).
         latency_p50_ms / latency_p90_ms: end-to-end latency at the budget's batch.
         latency_ratio: median latency over the dense model's, timed in alternation with it.
-        bytes: fp32 ONNX file size.
+        bytes: size of the file measured (the fp32 ONNX file, or the int8 one for ``precision="int8"``).
         macs: multiply-accumulates per sample.
         predicted_drop / predicted_latency: what the per-group tables predicted (None for the dense model).
         batch / runtime: where it was timed.
+        precision: ``"fp32"`` or ``"int8"`` (the plan's model quantized to static int8 in ONNX
+            Runtime, calibrated on training inputs; accuracy is that file's, run in ONNX Runtime,
+            and ``extra["int8"]`` says how it was made). An int8 point has the ``source`` of the
+            fp32 point it was quantized from (the dense model's int8 file is ``source="dense"``).
     """
 
     plan: dict[str, int]
@@ -43,6 +47,7 @@ class Point:
     batch: int = 1
     runtime: str = "ort"
     extra: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,10 +90,13 @@ def plot_front(path: str | Path, points: list[Point], front: list[Point], chosen
     ax = fig.add_subplot(1, 1, 1)
     for source, marker, colour in (("sweep", "o", "tab:blue"), ("uniform", "s", "tab:orange"),
                                    ("trial", "^", "tab:green"), ("dense", "D", "black")):
-        pts = [p for p in points if p.source == source]
-        if pts:
-            ax.scatter([p.latency_ratio for p in pts], [100 * p.accuracy for p in pts], marker=marker,
-                       color=colour, alpha=0.7, label=source)
+        for precision in ("fp32", "int8"):
+            pts = [p for p in points if p.source == source and p.precision == precision]
+            if pts:
+                # int8 points hollow, so the two precisions of one plan read apart.
+                style = {"color": colour} if precision == "fp32" else {"facecolors": "none", "edgecolors": colour}
+                ax.scatter([p.latency_ratio for p in pts], [100 * p.accuracy for p in pts], marker=marker,
+                           alpha=0.7, label=source if precision == "fp32" else f"{source} int8", **style)
     ax.plot([p.latency_ratio for p in front], [100 * p.accuracy for p in front], "-", color="tab:blue",
             label="Pareto front")
     if chosen is not None:
