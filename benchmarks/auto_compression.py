@@ -38,14 +38,31 @@ Run (from the repository root)::
     PYTHONPATH=src .venv/bin/python benchmarks/auto_compression.py           # full data, 3 fine-tune epochs
     PYTHONPATH=src .venv/bin/python benchmarks/auto_compression.py --quick --trials 8   # + Optuna refinement
 
-Not here yet (issue 13): fmnist_student, Torch-Pruning global at equal latency, int8 and
-weight-sharing axes.
+The precision axis (``--precision both``, the default): every measured plan is also measured
+as a static int8 ONNX file (PTQ on 512 training inputs, accuracy in ONNX Runtime on validation,
+latency alternated with the dense fp32 file); uniform plans then come in both precisions (the
+issue's "all-int8 or all-float"). A chosen int8 point is fine-tuned in float, then quantized;
+its test accuracy is the int8 file's in ONNX Runtime. Speed-ups of a chosen model: ONNX Runtime
+(its deployed file, fp32 or int8, against the dense fp32 file), torch eager (its float model
+against the dense teacher), and its deployed file against the dense teacher in torch eager, all
+timed in one alternated rotation.
+
+Torch-Pruning baseline (issue 13 benchmark (b); ``torch_pruning`` is a benchmark-only peer,
+never imported by the library; a ``skip`` line when it is missing): global pruning
+(``MetaPruner(global_pruning=True)``, ``GroupMagnitudeImportance(p=2)``, the classifier's last
+Linear ignored, ``round_to`` the space's) with its ratio bisected until its file, in the chosen
+point's precision, has the chosen point's measured ONNX Runtime latency; then the same KD
+fine-tune and the same measurement (``torch_pruning`` line per budget).
+
+Not here yet (issue 13): fmnist_student (no shipped weights), the weight-sharing axis.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +73,10 @@ import torchslim as ts
 import torchslim.search as search
 from torchslim.search import Budget, InfeasibleBudget, SearchSpace, choose
 from torchslim.search.api import finetune_seed, kd_finetune_
+from torchslim.search.precision import finish_int8, int8_config
 from torchslim.search.sensitivity import accuracy
+
+PRECISION = {"fp32": ["fp32"], "int8": ["int8"], "both": ["fp32", "int8"]}
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +90,7 @@ def log(line: str) -> None:
 
 
 def _point(p) -> dict:
-    return {"source": p.source, "val_accuracy": p.accuracy, "drop": p.drop, "latency_ratio": p.latency_ratio,
+    return {"source": p.source, "precision": p.precision, "val_accuracy": p.accuracy, "drop": p.drop, "latency_ratio": p.latency_ratio,
             "p50_ms": p.latency_p50_ms, "p90_ms": p.latency_p90_ms, "macs": p.macs, "bytes": p.bytes,
             "predicted_drop": p.predicted_drop, "predicted_latency": p.predicted_latency, "plan": p.plan,
             "trial": p.extra.get("trial")}
@@ -85,7 +105,9 @@ def compare_uniform(points) -> list[dict]:
         better = [p for p in sweep if p.accuracy >= u.accuracy]
         at_lat = max(faster, key=lambda p: p.accuracy) if faster else None
         at_acc = min(better, key=lambda p: p.latency_ratio) if better else None
-        rows.append({"uniform_latency_ratio": u.latency_ratio, "uniform_val_accuracy": u.accuracy,
+        rows.append({"uniform_precision": u.precision, "uniform_latency_ratio": u.latency_ratio,
+                     "uniform_val_accuracy": u.accuracy,
+                     "front_source": f"{at_lat.source}/{at_lat.precision}" if at_lat else None,
                      "front_accuracy_at_equal_latency": at_lat.accuracy if at_lat else None,
                      "gain_points": 100 * (at_lat.accuracy - u.accuracy) if at_lat else None,
                      "front_latency_at_equal_accuracy": at_acc.latency_ratio if at_acc else None,
@@ -116,6 +138,67 @@ def finetuned(m: search.Measurer, plan: dict, splits, config, seed: int) -> torc
     return model.eval()
 
 
+def deployed(m: search.Measurer, teacher, model, precision: str, splits, space, batch: int, threads: int,
+             budget_s: float, dense_acc: float, quantized=None) -> dict:
+    """A chosen model as it ships (its fp32 file, or int8 file quantized as the recipe does), measured once.
+
+    Test accuracy of the shipped file (ONNX Runtime for int8, the torch model for fp32); latency of
+    that file against the dense fp32 file, and both float models in torch eager, in one rotation.
+    """
+    from torchslim.measure.ort import compare_ort_latency
+
+    if precision == "int8":
+        q = quantized or finish_int8(model, int8_config(space), splits.train, splits.val, None, threads,
+                                     dense_acc)[0]
+        test, file = q.evaluate(splits.test, threads=threads)["accuracy"], q.int8_onnx
+    else:
+        test, file = accuracy(model, splits.test.x, splits.test.y), m.onnx(model)
+    t = compare_ort_latency({"dense": m.dense_file(), "cand": file}, splits.test.x[:1], batch, threads=threads,
+                            budget_s=budget_s, torch_models={"eager_dense": teacher, "eager_cand": model})
+    ms = {k: v["median_ms"] for k, v in t.items()}
+    return {"test_accuracy": test, "ort_p50_ms": ms["cand"], "ort_speedup": ms["dense"] / ms["cand"],
+            "eager_speedup": ms["eager_dense"] / ms["eager_cand"], "vs_dense_eager": ms["eager_dense"] / ms["cand"],
+            "dense_ort_ms": ms["dense"], "dense_eager_ms": ms["eager_dense"]}
+
+
+def tp_global(teacher, ratio: float, round_to: int, example: torch.Tensor):
+    """Torch-Pruning 1.6 global pruning at ``ratio`` (a new model): L2 group magnitude, last Linear ignored."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(teacher).eval()
+    last = [mod for mod in model.modules() if isinstance(mod, torch.nn.Linear)][-1]
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  global_pruning=True, pruning_ratio=ratio, ignored_layers=[last], round_to=round_to)
+    pruner.step()
+    return model.eval()
+
+
+def tp_latency(m: search.Measurer, model, precision: str, space, splits, budget) -> float:
+    """Measured latency ratio of ``model``'s file in ``precision`` against the dense fp32 file."""
+    from torchslim.measure.ort import compare_ort_latency
+    from torchslim.quant import quantize
+
+    file = m.onnx(model)
+    if precision == "int8":
+        file = quantize(model, int8_config(space), calib=splits.train, example=m.example, fp32_onnx=file).int8_onnx
+    t = compare_ort_latency({"dense": m.dense_file(), "cand": file}, m.example[:1], budget.batch,
+                            threads=budget.threads, budget_s=budget.latency_budget_s)
+    return t["cand"]["median_ms"] / t["dense"]["median_ms"]
+
+
+def tp_at_latency(m, teacher, target: float, precision: str, space, splits, budget, steps: int) -> tuple:
+    """Bisect Torch-Pruning's global ratio to the ``target`` latency ratio; the (ratio, measured ratio) closest."""
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lat = tp_latency(m, tp_global(teacher, mid, space.round_to, m.example[:1]), precision, space, splits, budget)
+        log(f"torch_pruning global ratio {mid:.3f}: {precision} latency {lat:.3f}x (target {target:.3f}x)")
+        if best is None or abs(lat - target) < abs(best[1] - target):
+            best = (mid, lat)
+        lo, hi = (mid, hi) if lat > target else (lo, mid)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="10k training samples, 2k test, 1 fine-tune epoch")
@@ -126,6 +209,10 @@ def main() -> None:
                     "(1 epoch; default 2000 quick, 10000 full; 0: no trial fine-tune, BatchNorm re-estimation only)")
     ap.add_argument("--trials", type=int, default=0, help="Optuna trials refining the front (0: the Lagrangian "
                     "front alone; needs pip install 'torchslim[search]')")
+    ap.add_argument("--precision", choices=sorted(PRECISION), default="both",
+                    help="precisions of the measured points (both: every plan also as an int8 file)")
+    ap.add_argument("--tp-steps", type=int, default=7, help="bisection steps of Torch-Pruning's global ratio "
+                    "(0: no Torch-Pruning baseline)")
     ap.add_argument("--out", default=None, help="folder for the search's files (default runs/auto_compression, "
                     "runs/auto_compression_study with --trials)")
     args = ap.parse_args()
@@ -135,12 +222,12 @@ def main() -> None:
     splits = ts.data.load_dataset("fashion-mnist", val_size=5000, seed=0, **limits)
     teacher = ts.load(ROOT / "recipes" / "weights" / "fmnist_teacher.slim").eval()
     space = SearchSpace(round_to=8, sensitivity_samples=1000 if args.quick else 2000,
-                        max_candidates=10 if args.quick else 16)
+                        max_candidates=10 if args.quick else 16, precision=PRECISION[args.precision])
     budget = Budget(max_drop=0.5, batch=args.batch, threads=args.threads,
                     latency_budget_s=0.4 if args.quick else 1.0)
     ft = ts.TrainConfig(epochs=epochs)
     data = {"dataset": "fashion-mnist", "val_size": 5000, **limits}
-    emit("config", quick=args.quick, trial_samples=args.trial_samples, trials=args.trials, threads=args.threads, batch=args.batch, finetune_epochs=epochs,
+    emit("config", quick=args.quick, precision=args.precision, load_average=list(os.getloadavg()), trial_samples=args.trial_samples, trials=args.trials, threads=args.threads, batch=args.batch, finetune_epochs=epochs,
          train=len(splits.train.y), val=len(splits.val.y), test=len(splits.test.y), space=space.to_dict(),
          torch=torch.__version__)
     start = time.time()
@@ -157,27 +244,43 @@ def main() -> None:
         emit("point", on_front=p in r.front, **_point(p))
     emit("tables_error", **r.prediction_error)
     m = search.Measurer(teacher, r.groups, space, budget, splits.train.x)
-    chosen = {"max_drop_0.5": (r.chosen, r.best)}
+    dense_acc = r.dense.accuracy
+    chosen = {"max_drop_0.5": (r.chosen, r.best, r.quantized)}
     try:
         p = choose(r.points, Budget(latency=0.25, batch=args.batch, threads=args.threads), r.dense)
-        chosen["latency_0.25x"] = (p, finetuned(m, p.plan, splits, ft, 0) if p.source != "dense" else teacher)
+        chosen["latency_0.25x"] = (p, finetuned(m, p.plan, splits, ft, 0) if p.source != "dense" else teacher, None)
     except InfeasibleBudget as exc:
         emit("chosen", budget="latency_0.25x", feasible=False, message=str(exc))
     uniform = [p for p in r.points if p.source == "uniform"]
-    for name, (p, model) in chosen.items():
-        test = accuracy(model, splits.test.x, splits.test.y)
-        ort = m.latency(model)
-        eager = ts.measure.compare_latency({"dense": teacher, "cand": model}, splits.test.x[:1], args.batch,
-                                           budget_s=budget.latency_budget_s)
-        # The uniform plan nearest in latency at or above the chosen one, given the same fine-tune.
+    shipped = lambda p, model, q=None: deployed(m, teacher, model, p.precision, splits, space, args.batch,  # noqa: E731
+                                                args.threads, budget.latency_budget_s, dense_acc, q)
+    for name, (p, model, q) in chosen.items():
+        d = shipped(p, model, q)
+        # The uniform plan nearest in latency at or above the chosen one (either precision), given the same fine-tune.
         slower = [u for u in uniform if u.latency_ratio >= p.latency_ratio]
         u = min(slower, key=lambda q: q.latency_ratio) if slower else None
-        u_test = accuracy(finetuned(m, u.plan, splits, ft, 0), splits.test.x, splits.test.y) if u else None
-        emit("chosen", budget=name, feasible=True, test_accuracy=test, test_drop=100 * (dense_test - test),
-             val_drop_before_finetune=p.drop, ort_speedup=1 / ort["ratio"], ort_p50_ms=ort["p50_ms"],
-             eager_speedup=eager["dense"]["median_ms"] / eager["cand"]["median_ms"], macs=p.macs, plan=p.plan,
-             uniform_latency_ratio=u.latency_ratio if u else None, uniform_test_accuracy=u_test,
-             gain_over_uniform_points=100 * (test - u_test) if u_test is not None else None)
+        u_test = shipped(u, finetuned(m, u.plan, splits, ft, 0))["test_accuracy"] if u else None
+        emit("chosen", budget=name, feasible=True, source=p.source, precision=p.precision,
+             test_drop=100 * (dense_test - d["test_accuracy"]), val_drop_before_finetune=p.drop,
+             latency_ratio=p.latency_ratio, macs=p.macs, bytes=p.bytes, plan=p.plan, **d,
+             uniform_precision=u.precision if u else None, uniform_latency_ratio=u.latency_ratio if u else None,
+             uniform_test_accuracy=u_test,
+             gain_over_uniform_points=100 * (d["test_accuracy"] - u_test) if u_test is not None else None)
+        if p.latency_ratio >= 0.99 or not args.tp_steps:
+            continue
+        try:
+            import torch_pruning  # noqa: F401
+        except ImportError:
+            emit("skip", what="torch_pruning", why="torch_pruning is not importable (pip install torch-pruning)")
+            continue
+        ratio, lat = tp_at_latency(m, teacher, p.latency_ratio, p.precision, space, splits, budget, args.tp_steps)
+        tpm = tp_global(teacher, ratio, space.round_to, splits.train.x[:1])
+        kd_finetune_(tpm, teacher, splits.train, splits.val, ft, seed=finetune_seed(0))
+        td = shipped(p, tpm.eval())
+        emit("torch_pruning", budget=name, precision=p.precision, global_ratio=ratio, bisect_latency_ratio=lat,
+             macs=ts.measure.count_macs(tpm, splits.test.x[:1]), **td,
+             chosen_test_accuracy=d["test_accuracy"], chosen_ort_p50_ms=d["ort_p50_ms"],
+             gain_of_chosen_points=100 * (d["test_accuracy"] - td["test_accuracy"]))
     if args.trials:
         emit("refinement", rows=compare_refinement(r.points))
         before = choose([p for p in r.points if p.source != "trial"], budget, r.dense)
@@ -196,6 +299,8 @@ def main() -> None:
     emit("summary", seconds=time.time() - start, points=len(r.points), front=len(r.front),
          trial_points=sum(p.source == "trial" for p in r.points),
          trial_points_on_front=sum(p.source == "trial" for p in r.front), chosen_source=r.chosen.source,
+         chosen_precision=r.chosen.precision, int8_points_on_front=sum(p.precision == "int8" for p in r.front),
+         load_average_end=list(os.getloadavg()),
          mean_gain_points_at_equal_latency=sum(gains) / len(gains) if gains else None,
          targets={"front_points_ge_5": len(r.front) >= 5, "minutes_le_30": (time.time() - start) <= 1800})
 

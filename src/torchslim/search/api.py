@@ -239,12 +239,14 @@ def search(
         train: training split (``x``, ``y``): BatchNorm re-estimation and the final fine-tune.
         val: validation split: the sensitivity subset and every point's accuracy.
         budget: what to achieve (:class:`Budget`).
-        space: what may change (:class:`SearchSpace`; default: keep 100/75/50/37.5/25% per group).
+        space: what may change (:class:`SearchSpace`; default: keep 100/75/50/37.5/25% per group,
+            precision fp32 and int8 when ONNX Runtime's quantization is installed).
         finetune: the chosen plan's KD fine-tune (a :class:`torchslim.TrainConfig`; None or 0
             epochs: the point as measured, BatchNorm re-estimated).
         test: test split: the chosen model is scored on it once.
         kd: the fine-tune's :class:`torchslim.DistillConfig` (default ``DistillConfig()``).
-        out: a folder for ``pareto.json``, ``pareto.png``, ``model.slim``, ``model.onnx``,
+        out: a folder for ``pareto.json``, ``pareto.png``, ``model.slim``, ``model.onnx`` (the
+            int8 file when an int8 point is chosen, the float export then ``model.fp32.onnx``),
             ``dense.slim``, ``recipe.yaml``, the stage-one cache ``search_cache.json`` (the
             tables and the sweep's points, reused by a later search with the same settings)
             and, with trials, the study (``study.journal``) and ``trials.jsonl``.
