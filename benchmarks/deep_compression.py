@@ -24,7 +24,7 @@ bit-exact check, accuracy of the loaded file, the per-layer table) and ``summary
 models so that a sweep over sharing settings trains them once. Run from the
 repository root (the settings of benchmarks/README.md's Deep-Compression section)::
 
-    PYTHONPATH=src .venv/bin/python benchmarks/deep_compression.py --quick --threads 1      # smoke run
+    PYTHONPATH=src .venv/bin/python benchmarks/deep_compression.py --quick --threads 1      # smoke run, a few minutes
     PYTHONPATH=src .venv/bin/python benchmarks/deep_compression.py --threads 1 --split val  # how settings were chosen
     PYTHONPATH=src .venv/bin/python benchmarks/deep_compression.py --threads 1 --seed 1     # the held-out report
 """
@@ -189,7 +189,7 @@ def run_model(name: str, splits: Any, args: argparse.Namespace, folder: Path) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10k training images, short schedules")
-    parser.add_argument("--models", default="lenet300_100,lenet5")
+    parser.add_argument("--models", default="lenet300_100,lenet5,fmnist_student")
     parser.add_argument("--dense-epochs", type=int)
     parser.add_argument("--prune-epochs", type=int)
     parser.add_argument("--share-epochs", type=int)
