@@ -54,7 +54,11 @@ Linear ignored, ``round_to`` the space's) with its ratio bisected until its file
 point's precision, has the chosen point's measured ONNX Runtime latency; then the same KD
 fine-tune and the same measurement (``torch_pruning`` line per budget).
 
-Not here yet (issue 13): fmnist_student (no shipped weights), the weight-sharing axis.
+``--model fmnist_student``: no trained student is shipped, so one is trained here first (seeded,
+``--train-epochs`` on the same training split, saved to ``OUT/dense_trained.slim`` and reused by
+a later run with the same folder); the search treats it as the dense model.
+
+Not here yet (issue 13): the weight-sharing axis.
 """
 
 from __future__ import annotations
@@ -90,7 +94,8 @@ def log(line: str) -> None:
 
 
 def _point(p) -> dict:
-    return {"source": p.source, "precision": p.precision, "val_accuracy": p.accuracy, "drop": p.drop, "latency_ratio": p.latency_ratio,
+    return {"source": p.source, "precision": p.precision, "val_accuracy": p.accuracy, "drop": p.drop,
+            "latency_ratio": p.latency_ratio,
             "p50_ms": p.latency_p50_ms, "p90_ms": p.latency_p90_ms, "macs": p.macs, "bytes": p.bytes,
             "predicted_drop": p.predicted_drop, "predicted_latency": p.predicted_latency, "plan": p.plan,
             "trial": p.extra.get("trial")}
@@ -199,6 +204,21 @@ def tp_at_latency(m, teacher, target: float, precision: str, space, splits, budg
     return best
 
 
+def dense_model(args, splits, out: Path) -> torch.nn.Module:
+    """The shipped teacher, or a seeded fmnist_student trained on ``splits.train`` (cached in ``out``)."""
+    if args.model == "fmnist_teacher":
+        return ts.load(ROOT / "recipes" / "weights" / "fmnist_teacher.slim").eval()
+    cached = out / "dense_trained.slim"
+    if cached.is_file():
+        return ts.load(cached).eval()
+    torch.manual_seed(0)
+    model = ts.models.create("fmnist_student")
+    ts.fit(model, splits.train, ts.TrainConfig(epochs=args.train_epochs), seed=0, progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    ts.save(model, cached)
+    return model.eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="10k training samples, 2k test, 1 fine-tune epoch")
@@ -213,6 +233,10 @@ def main() -> None:
                     help="precisions of the measured points (both: every plan also as an int8 file)")
     ap.add_argument("--tp-steps", type=int, default=7, help="bisection steps of Torch-Pruning's global ratio "
                     "(0: no Torch-Pruning baseline)")
+    ap.add_argument("--model", choices=["fmnist_teacher", "fmnist_student"], default="fmnist_teacher",
+                    help="the dense model: the shipped teacher, or a student trained here first")
+    ap.add_argument("--train-epochs", type=int, default=5, help="epochs of the student's training (--model "
+                    "fmnist_student)")
     ap.add_argument("--out", default=None, help="folder for the search's files (default runs/auto_compression, "
                     "runs/auto_compression_study with --trials)")
     args = ap.parse_args()
@@ -220,20 +244,21 @@ def main() -> None:
     epochs = args.epochs or (1 if args.quick else 3)
     limits = {"train_limit": 10000, "test_limit": 2000} if args.quick else {}
     splits = ts.data.load_dataset("fashion-mnist", val_size=5000, seed=0, **limits)
-    teacher = ts.load(ROOT / "recipes" / "weights" / "fmnist_teacher.slim").eval()
+    out = args.out or ROOT / "runs" / ("auto_compression_study" if args.trials else "auto_compression")
+    teacher = dense_model(args, splits, Path(out))
     space = SearchSpace(round_to=8, sensitivity_samples=1000 if args.quick else 2000,
                         max_candidates=10 if args.quick else 16, precision=PRECISION[args.precision])
     budget = Budget(max_drop=0.5, batch=args.batch, threads=args.threads,
                     latency_budget_s=0.4 if args.quick else 1.0)
     ft = ts.TrainConfig(epochs=epochs)
     data = {"dataset": "fashion-mnist", "val_size": 5000, **limits}
-    emit("config", quick=args.quick, precision=args.precision, load_average=list(os.getloadavg()), trial_samples=args.trial_samples, trials=args.trials, threads=args.threads, batch=args.batch, finetune_epochs=epochs,
+    emit("config", model=args.model, quick=args.quick, precision=args.precision,
+         load_average=list(os.getloadavg()), trial_samples=args.trial_samples, trials=args.trials, threads=args.threads, batch=args.batch, finetune_epochs=epochs,
          train=len(splits.train.y), val=len(splits.val.y), test=len(splits.test.y), space=space.to_dict(),
          torch=torch.__version__)
     start = time.time()
     trial_n = args.trial_samples if args.trial_samples is not None else (2000 if args.quick else 10000)
     trial = ts.TrainConfig(epochs=1) if trial_n else None
-    out = args.out or ROOT / "runs" / ("auto_compression_study" if args.trials else "auto_compression")
     r = search.search(teacher, splits.train, splits.val, budget, space, finetune=ft, test=splits.test,
                       out=out, recipe_data=data, progress=log, trial_finetune=trial, trial_samples=trial_n or None,
                       trials=args.trials)

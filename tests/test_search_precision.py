@@ -57,7 +57,9 @@ def result(model, splits, dense_int8, tmp_path_factory):
     out = tmp_path_factory.mktemp("auto_int8")
     # No fp32 file of this model is as small as the dense int8 file (4x smaller): the choice is int8.
     budget = Budget(size_bytes=dense_int8.int8_bytes, batch=16, latency_budget_s=0.01)
-    r = search.search(model, splits.train, splits.val, budget, SPACE, finetune=ts.TrainConfig(epochs=1),
+    # int8_layers="sweep": the chosen int8 file's layers are then measured one by one.
+    space = SPACE.model_copy(update={"int8_layers": "sweep"})
+    r = search.search(model, splits.train, splits.val, budget, space, finetune=ts.TrainConfig(epochs=1),
                       test=splits.test, out=out, recipe_data=DATA, uniform=False)
     return r, out
 
@@ -98,7 +100,9 @@ def test_int8_choice_ships_the_int8_file_and_a_quantize_stage(result, splits):
     kinds = [s.kind for s in recipe.stages]
     assert kinds[-3:] == ["quantize", "evaluate", "export"]
     q = recipe.stages[kinds.index("quantize")]
-    assert q.method == int8_config(SPACE) and q.fallback_if_slower is False
+    assert q.method == r.quantized.config and q.fallback_if_slower is False
+    assert r.metrics["int8_layers"] == "sweep" and set(r.metrics["sweep_layers"]) == set(r.quantized.layers)
+    assert list(q.method.exclude) == r.metrics["kept_float"] == list(r.quantized.excluded)
     assert "precision | val acc" in r.summary() and "int8 file in ONNX Runtime" in r.summary()
 
 
@@ -123,7 +127,8 @@ def test_cli_precision_flag():
 
     args = build_parser().parse_args(["auto", "m.slim", "--data", "digits", "--max-drop", "0.5", "--precision", "int8"])
     assert _PRECISION[args.precision] == ["int8"]
-    assert build_parser().parse_args(["auto", "m.slim", "--data", "digits", "--max-drop", "0.5"]).precision is None
+    default = build_parser().parse_args(["auto", "m.slim", "--data", "digits", "--max-drop", "0.5"])
+    assert default.precision is None and default.int8_layers == "all"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["auto", "m.slim", "--data", "digits", "--max-drop", "0.5", "--precision", "int4"])
 

@@ -144,7 +144,8 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
     precision = getattr(args, "precision", "fp32")
     space = search.SearchSpace(keep=args.keep, round_to=args.round_to, max_candidates=args.max_candidates,
                                exclude=args.exclude,
-                               precision=None if precision is None else _PRECISION[precision])
+                               precision=None if precision is None else _PRECISION[precision],
+                               int8_layers=getattr(args, "int8_layers", "all"))
     model = load(args.model, factory=args.factory).cpu().eval()
     val = {"val_size": args.val_size} if args.val_size else {"val_fraction": 0.1}
     data = {"dataset": args.data, **val, **({"root": args.root} if args.root else {}),

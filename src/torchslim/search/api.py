@@ -43,12 +43,11 @@ from torchslim.errors import ConfigError, TorchSlimError
 from torchslim.search.allocate import lagrangian_plans, pick_spread
 from torchslim.search.budget import Budget, SearchSpace
 from torchslim.search.front import Point, pareto_front, plot_front, write_json
-from torchslim.search.precision import finish_int8, int8_config, measure_int8, quantize_stage, resolve_precision
+from torchslim.search.precision import finish_int8, int8_config, measure_int8, resolve_precision
+from torchslim.search.recipe import FINETUNE_ID, PRUNE_ID, _model_ref, recipe_document  # noqa: F401 (re-exported)
 from torchslim.search.sensitivity import Measurer, Tables, accuracy, build_tables
 from torchslim.search.space import GroupChoice, channel_groups, dense_plan, plan_config, plan_key, uniform_plan
 
-#: Stage ids of the emitted recipe; the fine-tune seed is derived from ``FINETUNE_ID`` as the pipeline does.
-PRUNE_ID, FINETUNE_ID = "pruned", "finetuned"
 
 
 class InfeasibleBudget(TorchSlimError):
@@ -178,38 +177,6 @@ def choose(points: list[Point], budget: Budget, dense: Point) -> Point:
                            front, nearest)
 
 
-def _plain(config: Any) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if k not in ("type", "version")}
-
-
-def recipe_document(model_ref: dict[str, Any], data: dict[str, Any], method: Any, finetune: Any, *,
-                    seed: int = 0, name: str = "auto", kd: Any = None, quantize: Any = None,
-                    batch: int = 256) -> dict[str, Any]:
-    """The v2 recipe of a chosen plan: prune_channels (the plan's overrides) → KD finetune → [quantize] →
-    evaluate → export; ``quantize`` (an :class:`~torchslim.quant.Int8Config`) adds the int8 stage."""
-    stages: list[dict[str, Any]] = [{"kind": "prune_channels", "id": PRUNE_ID, "input": "dense",
-                                     "label": "channels removed (searched plan)", "method": _plain(method)}]
-    if finetune is not None and finetune.epochs > 0:
-        stage = {"kind": "finetune", "id": FINETUNE_ID, "input": PRUNE_ID, "label": "searched plan, KD fine-tuned",
-                 "teacher": "dense", "train": _plain(finetune)}
-        if kd is not None:
-            stage["objective"] = _plain(kd)
-        stages.append(stage)
-    if quantize is not None:
-        stages.append(quantize_stage(quantize, stages[-1]["id"], batch))
-    stages += [{"kind": "evaluate", "latency": True, "latency_batch_sizes": [1, 256]}, {"kind": "export", "onnx": True}]
-    return {"version": 2, "name": name, "seed": seed, "data": data, "models": {"dense": model_ref}, "stages": stages}
-
-
-def _model_ref(model: nn.Module, weights: str) -> dict[str, Any]:
-    spec = getattr(model, "torchslim_spec", None) or {}
-    if not (spec.get("preset") or spec.get("factory")):
-        raise ConfigError("the emitted recipe names the model by preset or factory: this model has no "
-                          "torchslim_spec (build it with ts.models.create or pass recipe_model=)")
-    ref = {k: spec[k] for k in ("preset", "factory", "args") if spec.get(k) is not None}
-    return {**ref, "weights": weights}
-
-
 def search(
     model: nn.Module,
     train: Any,
@@ -329,7 +296,8 @@ def search(
     quantized = None
     if chosen.precision == "int8":
         quantized, q_metrics = finish_int8(best_model, int8_config(space), train, val, test, budget.threads,
-                                           run.dense_acc)
+                                           run.dense_acc, budget_s=budget.latency_budget_s,
+                                           sweep_batch=budget.batch if space.int8_layers == "sweep" else None)
         metrics = {**metrics, **q_metrics}
     if chosen.source == "dense":
         finetune = None  # the dense model is returned as it is, so its recipe must not fine-tune it either
@@ -342,7 +310,7 @@ def search(
     elif recipe_data is not None:
         recipe = recipe_document(recipe_model or _model_ref(model, "dense.slim"), recipe_data,
                                  plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd,
-                                 quantize=int8_config(space) if quantized is not None else None, batch=budget.batch)
+                                 quantize=quantized.config if quantized is not None else None, batch=budget.batch)
     return SearchResult(front, points, chosen, best_model, dense, metrics, tables, error, groups,
                         recipe, time.time() - start, files, quantized)
 
@@ -416,9 +384,10 @@ class _Run:
                      self.budget.batch, self.budget.runtime,
                      {"trial_finetune_epochs": trial.epochs if trial is not None and source != "dense" else 0})
 
-    def measure_int8(self, twin: Point) -> Point:
-        """The last measured model quantized to int8, measured as that file (see :mod:`~torchslim.search.precision`)."""
-        return measure_int8(self.m, self.last_model, twin, int8_config(self.space), self.m.train_x, self.val,
+    def measure_int8(self, twin: Point, model: nn.Module | None = None) -> Point:
+        """``model`` (default: the last one measured) quantized to int8 and measured as that file
+        (see :mod:`~torchslim.search.precision`)."""
+        return measure_int8(self.m, model if model is not None else self.last_model, twin, int8_config(self.space), self.m.train_x, self.val,
                             self.dense_acc, self.budget)
 
 
@@ -479,14 +448,15 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
     points = [dense]
     int8 = "int8" in run.precision
     if int8:
-        points.append(_say_int8(run.measure_int8(dense), say))
+        points.append(_say_int8(run.measure_int8(dense, m.dense), say, "dense model as int8"))
     start = loop_start = time.time()
     for i, (plan, source) in enumerate(todo, 1):
         p = run.measure(plan, source, tables, dense)
         if "fp32" in run.precision:  # with int8 alone the fp32 file is timed only as the int8 file's source
             points.append(p)
-        if int8:
-            points.append(_say_int8(run.measure_int8(p), say))
+        p8 = run.measure_int8(p) if int8 else None
+        if p8 is not None:
+            points.append(p8)
         ok = [q for q in points if _feasible(q, budget, dense)]
         best = (min(ok, key=lambda q: q.latency_ratio) if budget.max_drop is not None
                 else max(ok, key=lambda q: q.accuracy)) if ok else None
@@ -495,6 +465,8 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
             f"{p.latency_p50_ms:.2f} ms | best feasible: "
             + (f"{100 * best.accuracy:.2f}% at {best.latency_ratio:.3f}x" if best else "none yet")
             + f" | {time.time() - start:.0f}s, about {(time.time() - loop_start) / i * (len(todo) - i):.0f}s left")
+        if p8 is not None:
+            _say_int8(p8, say)
     if folder is not None:
         save_stage_one(folder, run.key, dense, tables, points)
     return dense, tables, points
@@ -525,8 +497,8 @@ def _refine(run: _Run, dense: Point, tables: Tables, points: list[Point], trials
     return found, ran
 
 
-def _say_int8(p: Point, say: Callable[[str], None]) -> Point:
-    say(f"        int8 of that plan: val {100 * p.accuracy:6.2f}% ({p.drop:+.2f} pts) latency {p.latency_ratio:.3f}x "
+def _say_int8(p: Point, say: Callable[[str], None], label: str = "int8 of that plan") -> Point:
+    say(f"        {label}: val {100 * p.accuracy:6.2f}% ({p.drop:+.2f} pts) latency {p.latency_ratio:.3f}x "
         f"{p.latency_p50_ms:.2f} ms, {p.bytes:,} bytes")
     return p
 
@@ -586,10 +558,11 @@ def _write(folder: Path, m: Measurer, model: nn.Module, best: nn.Module, chosen:
         save(model, folder / "dense.slim")
         doc = recipe_document(recipe_model or _model_ref(model, "dense.slim"), recipe_data,
                               plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd,
-                              quantize=int8_config(space) if quantized is not None else None, batch=budget.batch)
+                              quantize=quantized.config if quantized is not None else None, batch=budget.batch)
         plan = ", ".join(f"{label} {keep}" for label, keep in chosen.plan.items())
         text = (f"# Found by torchslim auto ({budget.describe()}).\n# Plan, kept channels per group (named by the "
-                f"layer writing them): {plan}; precision {chosen.precision}.\n# Overrides name a layer found in that group only.\n"
+                f"layer writing them): {plan}; precision {chosen.precision}.\n# Overrides name a layer found in that "
+                "group only.\n"
                 f"# Reproduce with: torchslim run {folder / 'recipe.yaml'}\n") + yaml.safe_dump(doc, sort_keys=False)
         with atomic_path(folder / "recipe.yaml") as tmp:
             Path(tmp).write_text(text, encoding="utf-8")

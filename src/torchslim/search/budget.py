@@ -105,6 +105,9 @@ class SearchSpace(Config):
             validation split and one timing.
         int8_calibration_samples: training inputs int8 is calibrated on (a seeded subset, as
             the ``quantize`` stage draws it).
+        int8_layers: ``"all"`` (every Conv/Linear of an int8 point int8) or ``"sweep"`` (the
+            chosen int8 plan's layers then measured one by one, those int8 does not pay for
+            kept float; the recipe's ``quantize`` stage gets them as ``method.exclude``).
 
     Example:
         >>> from torchslim.search import SearchSpace
@@ -123,6 +126,7 @@ class SearchSpace(Config):
     max_candidates: int = Field(12, ge=1, le=1000)
     precision: list[Literal["fp32", "int8"]] | None = None
     int8_calibration_samples: int = Field(512, ge=1, le=1_000_000)
+    int8_layers: Literal["all", "sweep"] = "all"
 
     @model_validator(mode="after")
     def _check_keep(self) -> "SearchSpace":
