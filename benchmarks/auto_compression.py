@@ -231,6 +231,8 @@ def main() -> None:
                     "front alone; needs pip install 'torchslim[search]')")
     ap.add_argument("--precision", choices=sorted(PRECISION), default="both",
                     help="precisions of the measured points (both: every plan also as an int8 file)")
+    ap.add_argument("--int8-layers", choices=["all", "sweep"], default="all",
+                    help="a chosen int8 plan: every layer int8, or the per-layer sweep keeps some float")
     ap.add_argument("--tp-steps", type=int, default=7, help="bisection steps of Torch-Pruning's global ratio "
                     "(0: no Torch-Pruning baseline)")
     ap.add_argument("--model", choices=["fmnist_teacher", "fmnist_student"], default="fmnist_teacher",
@@ -247,7 +249,8 @@ def main() -> None:
     out = args.out or ROOT / "runs" / ("auto_compression_study" if args.trials else "auto_compression")
     teacher = dense_model(args, splits, Path(out))
     space = SearchSpace(round_to=8, sensitivity_samples=1000 if args.quick else 2000,
-                        max_candidates=10 if args.quick else 16, precision=PRECISION[args.precision])
+                        max_candidates=10 if args.quick else 16, precision=PRECISION[args.precision],
+                        int8_layers=args.int8_layers)
     budget = Budget(max_drop=0.5, batch=args.batch, threads=args.threads,
                     latency_budget_s=0.4 if args.quick else 1.0)
     ft = ts.TrainConfig(epochs=epochs)

@@ -139,3 +139,17 @@ def test_recipe_reproduces_the_chosen_int8_file(result, splits, tmp_path):
     run = ts.run_recipe(out / "recipe.yaml", out=tmp_path / "run", progress=False)
     again = ort_accuracy(str(run / "model.int8.onnx"), splits.test.x, splits.test.y, threads=1)
     assert abs(100 * again - 100 * r.metrics["test_accuracy"]) <= 0.1
+
+
+def test_int8_gain_within_noise_keeps_the_fp32_twin():
+    from torchslim.search import Point
+    from torchslim.search.precision import prefer_fp32_twin
+
+    plan = {"a": 4}
+    fp32 = Point(plan, "dense", 0.88, 0.0, 10.0, 11.0, 1.0, 600, 100)
+    near = Point(plan, "dense", 0.8802, -0.02, 9.95, 11.0, 0.995, 160, 100, precision="int8")
+    fast = Point(plan, "dense", 0.8802, -0.02, 5.0, 6.0, 0.5, 160, 100, precision="int8")
+    budget = Budget(max_drop=0.5)
+    assert prefer_fp32_twin(near, [fp32, near], budget) is fp32  # 0.5% faster: timing noise
+    assert prefer_fp32_twin(fast, [fp32, fast], budget) is fast
+    assert prefer_fp32_twin(near, [fp32, near], Budget(latency=1.0)) is near  # accuracy-maximised: untouched

@@ -43,7 +43,7 @@ from torchslim.errors import ConfigError, TorchSlimError
 from torchslim.search.allocate import lagrangian_plans, pick_spread
 from torchslim.search.budget import Budget, SearchSpace
 from torchslim.search.front import Point, pareto_front, plot_front, write_json
-from torchslim.search.precision import finish_int8, int8_config, measure_int8, resolve_precision
+from torchslim.search.precision import finish_int8, int8_config, measure_int8, prefer_fp32_twin, resolve_precision
 from torchslim.search.recipe import FINETUNE_ID, PRUNE_ID, _model_ref, recipe_document  # noqa: F401 (re-exported)
 from torchslim.search.sensitivity import Measurer, Tables, accuracy, build_tables
 from torchslim.search.space import GroupChoice, channel_groups, dense_plan, plan_config, plan_key, uniform_plan
@@ -286,7 +286,8 @@ def search(
     try:
         # The front is accuracy against latency: the smallest files (int8 ones that are not faster)
         # need not be on it, so a size bound chooses among every measured point.
-        chosen = choose(points if budget.size_bytes is not None else front, budget, dense)
+        chosen = prefer_fp32_twin(choose(points if budget.size_bytes is not None else front, budget, dense),
+                                  points, budget)
     except InfeasibleBudget as exc:
         if folder is not None:
             write_json(folder / "pareto.json", {**payload, "chosen": None, "infeasible": str(exc)})
