@@ -232,7 +232,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=sorted(PRECISION), default="both",
                     help="precisions of the measured points (both: every plan also as an int8 file)")
     ap.add_argument("--int8-layers", choices=["all", "sweep"], default="all",
-                    help="a chosen int8 plan: every layer int8, or the per-layer sweep keeps some float")
+                    help="int8 points: every layer int8, or the per-layer sweep on the dense model keeps some float")
     ap.add_argument("--tp-steps", type=int, default=7, help="bisection steps of Torch-Pruning's global ratio "
                     "(0: no Torch-Pruning baseline)")
     ap.add_argument("--model", choices=["fmnist_teacher", "fmnist_student"], default="fmnist_teacher",

@@ -317,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(int8: int8 points only, the dense fp32 model the reference; default both when "
                       "onnxruntime's quantization is installed and --runtime is ort, else fp32)")
     auto.add_argument("--int8-layers", choices=["all", "sweep"], default="all",
-                      help="a chosen int8 plan: every Conv/Linear int8 (all), or each layer measured and kept "
-                      "float where int8 does not pay (sweep)")
+                      help="int8 points: every Conv/Linear int8 (all), or each layer of the dense model measured "
+                      "first and kept float in every int8 point where int8 does not pay (sweep)")
     auto.add_argument("--latency-budget", type=float, default=0.5, help="seconds of timing per measurement")
     auto.add_argument("--finetune-epochs", type=int, default=1, help="KD fine-tune of the chosen plan (0: none)")
     auto.add_argument("--trials", type=int, help="Optuna trials refining the front, counted over the whole study "

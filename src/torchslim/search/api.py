@@ -43,7 +43,8 @@ from torchslim.errors import ConfigError, TorchSlimError
 from torchslim.search.allocate import lagrangian_plans, pick_spread
 from torchslim.search.budget import Budget, SearchSpace
 from torchslim.search.front import Point, pareto_front, plot_front, write_json
-from torchslim.search.precision import finish_int8, int8_config, measure_int8, prefer_fp32_twin, resolve_precision
+from torchslim.search.precision import finish_int8, int8_config, layer_precision, measure_int8, prefer_fp32_twin, \
+    resolve_precision
 from torchslim.search.recipe import FINETUNE_ID, PRUNE_ID, _model_ref, recipe_document  # noqa: F401 (re-exported)
 from torchslim.search.sensitivity import Measurer, Tables, accuracy, build_tables
 from torchslim.search.space import GroupChoice, channel_groups, dense_plan, plan_config, plan_key, uniform_plan
@@ -296,9 +297,7 @@ def search(
     best_model, metrics = _finish(m, chosen, train, val, test, finetune, kd, seed, run.dense_acc)
     quantized = None
     if chosen.precision == "int8":
-        quantized, q_metrics = finish_int8(best_model, int8_config(space), train, val, test, budget.threads,
-                                           run.dense_acc, budget_s=budget.latency_budget_s,
-                                           sweep_batch=budget.batch if space.int8_layers == "sweep" else None)
+        quantized, q_metrics = finish_int8(best_model, run.int8_cfg, train, val, test, budget.threads, run.dense_acc)
         metrics = {**metrics, **q_metrics}
     if chosen.source == "dense":
         finetune = None  # the dense model is returned as it is, so its recipe must not fine-tune it either
@@ -363,6 +362,7 @@ class _Run:
     dense_acc: float = 0.0
     precision: tuple[str, ...] = ("fp32",)
     last_model: Any = None  # the model the last measure() built, for its int8 twin
+    int8_cfg: Any = None  # how every int8 twin is made (set in stage one: the per-layer sweep's exclude)
 
     def measure(self, plan: dict[str, int], source: str, tables: Tables | None, dense: Point | None) -> Point:
         """Build ``plan`` from the dense model (trial KD fine-tune, else BatchNorm re-estimation) and measure it."""
@@ -388,8 +388,8 @@ class _Run:
     def measure_int8(self, twin: Point, model: nn.Module | None = None) -> Point:
         """``model`` (default: the last one measured) quantized to int8 and measured as that file
         (see :mod:`~torchslim.search.precision`)."""
-        return measure_int8(self.m, model if model is not None else self.last_model, twin, int8_config(self.space), self.m.train_x, self.val,
-                            self.dense_acc, self.budget)
+        built = model if model is not None else self.last_model
+        return measure_int8(self.m, built, twin, self.int8_cfg, self.m.train_x, self.val, self.dense_acc, self.budget)
 
 
 def _prepare(model: nn.Module, train: Any, val: Any, budget: Budget, space: SearchSpace, kd: Any, seed: int,
@@ -429,6 +429,10 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
         cached = peek_stage_one(run.study_cfg, folder, run.key)
     if cached is not None:
         dense, tables, points = cached
+        d8 = [p for p in points if p.precision == "int8" and p.source == "dense"]
+        if d8:  # the int8 twins' settings, the per-layer sweep's choice included
+            run.int8_cfg = int8_config(run.space).model_copy(
+                update={"exclude": tuple(d8[0].extra["int8"]["excluded"])})
         say(f"stage one (tables, {len(points) - 1} measured points) reused from the run folder / study")
         return dense, tables, points
     m, groups, space, budget = run.m, run.groups, run.space, run.budget
@@ -449,6 +453,11 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
     points = [dense]
     int8 = "int8" in run.precision
     if int8:
+        run.int8_cfg = int8_config(space)
+        if space.int8_layers == "sweep":
+            run.int8_cfg, why = layer_precision(m, run.int8_cfg, m.train_x, run.val, budget, n)
+            say("per-layer precision (dense model, batch {}): float {}; {}".format(
+                budget.batch, list(run.int8_cfg.exclude) or "none", "; ".join(f"{k}: {v}" for k, v in why.items())))
         points.append(_say_int8(run.measure_int8(dense, m.dense), say, "dense model as int8"))
     start = loop_start = time.time()
     for i, (plan, source) in enumerate(todo, 1):

@@ -106,8 +106,8 @@ class SearchSpace(Config):
         int8_calibration_samples: training inputs int8 is calibrated on (a seeded subset, as
             the ``quantize`` stage draws it).
         int8_layers: ``"all"`` (every Conv/Linear of an int8 point int8) or ``"sweep"`` (the
-            chosen int8 plan's layers then measured one by one, those int8 does not pay for
-            kept float; the recipe's ``quantize`` stage gets them as ``method.exclude``).
+            dense model's layers measured one by one first; those int8 does not pay for stay
+            float in every int8 point, and in the recipe's ``quantize.method.exclude``).
 
     Example:
         >>> from torchslim.search import SearchSpace

@@ -12,12 +12,13 @@ ONNX Runtime in alternation with the dense fp32 file. Those points join the fron
 fp32 ones; the choice may pick either. The chosen int8 plan is fine-tuned as an fp32 one is,
 then quantized the way the emitted recipe's ``quantize`` stage does it.
 
-With ``SearchSpace.int8_layers="sweep"`` the chosen int8 plan's per-layer precision is then
-decided by measurement (:func:`~torchslim.quant.precision.int8_layer_sweep` at the budget's
-batch: a layer stays float when int8 makes that file slower or less accurate), and the kept-float
-layers go into the recipe's ``quantize.method.exclude``, so ``torchslim run`` rebuilds that file
-without timing anything again. The front's int8 points stay all-int8 (one sweep per plan would
-cost a quantization per layer per point).
+With ``SearchSpace.int8_layers="sweep"`` the precision is per layer: before the points are
+measured, :func:`~torchslim.quant.precision.int8_layer_sweep` runs once on the dense model at the
+budget's batch (a layer stays float when int8 makes the file slower or less accurate), and every
+plan's int8 twin keeps those layers float (a channel cut keeps the layer names). The file
+measured for a point is then the file shipped, and the recipe's ``quantize.method.exclude`` lists
+the same layers, so ``torchslim run`` rebuilds it without timing anything again. (One sweep per
+plan would cost a quantization per layer per point.)
 
 Optuna trials (``trials > 0``) refine the channel plan in fp32 only: an int8 point is never
 a seed or a twin of a trial.
@@ -119,14 +120,24 @@ def prefer_fp32_twin(chosen: Point, points: list[Point], budget: Any, min_gain: 
     return chosen
 
 
-def finish_int8(model: nn.Module, config: Any, train: Any, val: Any, test: Any, threads: int,
-                dense_acc: float, *, sweep_batch: int | None = None,
-                budget_s: float = 0.5) -> tuple[Any, dict[str, Any]]:
-    """The chosen (fine-tuned) model quantized as the recipe's ``quantize`` stage does it, scored in ONNX Runtime.
+def layer_precision(m: Any, config: Any, train: Any, val: Any, budget: Any, samples: int) -> tuple[Any, dict]:
+    """The per-layer sweep on the dense model: ``config`` with the layers to keep float, and why.
 
-    Args:
-        sweep_batch: run the per-layer sweep first, timed at this batch (None: every layer int8);
-            the returned model's ``config.exclude`` then holds the layers it keeps float.
+    Timed at the budget's batch only (the batch the search minimises), on ``samples`` validation
+    inputs, from the measurer's fp32 export of the dense model.
+    """
+    from torchslim.quant.precision import int8_layer_sweep
+
+    sweep = int8_layer_sweep(m.dense, config, train, val, batch_sizes=(budget.batch,), max_samples=samples,
+                             threads=budget.threads, budget_s=budget.latency_budget_s, fp32_onnx=m.dense_file())
+    final = sweep["final"]["exclude"] if sweep.get("final") else sweep["exclude"]
+    why = {k: v["why"] for k, v in sweep["layers"].items()}
+    return config.model_copy(update={"exclude": tuple(final)}), why
+
+
+def finish_int8(model: nn.Module, config: Any, train: Any, val: Any, test: Any, threads: int,
+                dense_acc: float) -> tuple[Any, dict[str, Any]]:
+    """The chosen (fine-tuned) model quantized as the recipe's ``quantize`` stage does it, scored in ONNX Runtime.
 
     Returns:
         The :class:`~torchslim.quant.QuantizedModel` and the metrics of its int8 file
@@ -137,14 +148,6 @@ def finish_int8(model: nn.Module, config: Any, train: Any, val: Any, test: Any, 
 
     # No fp32_onnx and no example: the stage exports with the default exporter itself, and the
     # calibration subset comes from the same seeded draw over the training split.
-    sweep = None
-    if sweep_batch is not None:
-        from torchslim.quant.precision import int8_layer_sweep
-
-        sweep = int8_layer_sweep(model, config, train, val, batch_sizes=(sweep_batch,), threads=threads,
-                                 budget_s=budget_s)
-        final = sweep["final"]["exclude"] if sweep.get("final") else sweep["exclude"]
-        config = config.model_copy(update={"exclude": tuple(final)})
     q = quantize(model, config, calib=train)
     val_acc = q.evaluate(val, threads=threads)["accuracy"]
     out = {"precision": "int8", "val_accuracy": val_acc, "val_drop": 100 * (dense_acc - val_acc),
@@ -152,10 +155,7 @@ def finish_int8(model: nn.Module, config: Any, train: Any, val: Any, test: Any, 
            "test_accuracy": q.evaluate(test, threads=threads)["accuracy"] if test is not None else None,
            "fp32_test_accuracy": (q.evaluate(test, precision="fp32", threads=threads)["accuracy"]
                                   if test is not None else None),
-           "int8": q.describe(), "int8_layers": "sweep" if sweep is not None else "all",
-           "kept_float": list(config.exclude),
-           "sweep_layers": ({k: {"keep_float": v["keep_float"], "why": v["why"]} for k, v in sweep["layers"].items()}
-                            if sweep is not None else None)}
+           "int8": q.describe(), "kept_float": list(config.exclude)}
     return q, out
 
 
