@@ -16,8 +16,8 @@ import torchslim as ts
 from torchslim.config import config_from_dict
 from torchslim.core.masks import apply_mask_
 from torchslim.errors import ConfigError
-from torchslim.quant.qat import (ActivationQuantizer, QATConfig, TiedQuantizer, fold_batchnorm, prepare_qat, qat,
-                                 qat_agreement)
+from torchslim.quant.qat import (ActivationQuantizer, QATConfig, TiedQuantizer, export_qat, fold_batchnorm, prepare_qat,
+                                 qat, qat_agreement)
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,13 @@ def test_config_round_trips_and_bad_names_fail_before_training(data):
         prepare_qat(model, QATConfig(exclude=["classifier.9"]), calib=train)
     q = prepare_qat(model, QATConfig(exclude=["classifier.2"], calibration_samples=64), calib=train)
     assert not hasattr(q.classifier[2], "qat_input") and hasattr(q.classifier[0], "qat_input")
+
+
+def test_a_float_first_conv_pools_before_its_relu_and_the_file_still_matches_the_fake_quant_model(data):
+    train, test, model = data
+    qmodel = prepare_qat(model, QATConfig(exclude=["features.0"], calibration_samples=64), calib=train)
+    q = export_qat(qmodel, QATConfig(exclude=["features.0"], calibration_samples=64), test.x[:8])
+    ops = {n.name: n.op_type for n in onnx.load_from_string(q.int8_onnx).graph.node}
+    assert [ops[n] for n in q.moved] == ["Relu", "MaxPool"] and q.describe()["pool_before_relu"] == q.moved
+    agree = qat_agreement(q, test)  # pool-then-ReLU computes exactly what ReLU-then-pool did
+    assert agree["agreement"] >= 0.995 and agree["max_logit_diff"] < 0.05

@@ -49,7 +49,8 @@ from torchslim.core.masks import effective_weight, is_masked
 from torchslim.distill import DistillConfig, DistillObjective
 from torchslim.errors import ModelError
 from torchslim.prune.selection import check_patterns_match, name_matches
-from torchslim.quant.int8 import Int8Config, QuantizedModel, _calibration_inputs, cpu_int8_profile, layer_node_map
+from torchslim.quant.int8 import (Int8Config, QuantizedModel, _calibration_inputs, cpu_int8_profile, layer_node_map,
+                                  pool_before_relu)
 from torchslim.quant.qdq import quantizer_sites
 from torchslim.train import TrainConfig, fit
 
@@ -425,7 +426,8 @@ class QATModel(QuantizedModel):
             "scheme": self.types["scheme"], "activation_type": "uint8", "weight_type": "int8",
             "reduce_range": self.types["reduce_range"], "isa": self.types["isa"], "why": self.types["why"],
             "excluded": list(self.excluded), "int8_layers": [n for n in self.layers if n not in self.excluded],
-            "bn_folded": self.bn_folded, "fp32_bytes": self.fp32_bytes, "int8_bytes": self.int8_bytes,
+            "bn_folded": self.bn_folded, "pool_before_relu": list(self.moved),
+            "fp32_bytes": self.fp32_bytes, "int8_bytes": self.int8_bytes,
             "size_ratio": self.fp32_bytes / self.int8_bytes, "export_max_abs_diff": self.export.get("max_abs_diff"),
             "epochs": len(self.history), "distilled": c.distill, "quantize_outputs": c.quantize_outputs,
         }
@@ -456,6 +458,9 @@ def export_qat(qmodel: nn.Module, config: QATConfig, example: torch.Tensor, *,
         info = export_onnx(plain, example[:8], fp32, opset=config.opset, normalization=normalization)
         proto = onnx.load(os.fspath(fp32))
         layers = layer_node_map(plain, example, proto)
+        # As in quantize(): a float layer's Relu -> MaxPool becomes MaxPool -> Relu, so ONNX Runtime
+        # does not pull the next layer's QuantizeLinear above the pool into a slow uint8 MaxPool.
+        moved = pool_before_relu(proto, [layers[n] for n in layers if n not in params])
         int8 = write_qdq(proto, {layers[n]: p for n, p in params.items()})
         fp32_bytes = fp32.read_bytes()
     reduce = _reduce_range(config)
@@ -468,7 +473,8 @@ def export_qat(qmodel: nn.Module, config: QATConfig, example: torch.Tensor, *,
     return QATModel(int8.SerializeToString(), fp32_bytes, config, types_, layers, excluded,  # type: ignore[arg-type]
                     min(config.calibration_samples, 10**9), {k: v for k, v in info.items() if k != "path"},
                     not any(n.op_type == "BatchNormalization" for n in int8.graph.node),
-                    fake_quant=qmodel, history=list(history or []), folded=list(getattr(qmodel, "qat_folded", [])))
+                    moved=moved, fake_quant=qmodel, history=list(history or []),
+                    folded=list(getattr(qmodel, "qat_folded", [])))
 
 
 # ----------------------------------------------------------------- the verb
