@@ -37,6 +37,7 @@ Run (from the repository root)::
     PYTHONPATH=src .venv/bin/python benchmarks/auto_compression.py --quick   # a few minutes, 1 thread
     PYTHONPATH=src .venv/bin/python benchmarks/auto_compression.py           # full data, 3 fine-tune epochs
     PYTHONPATH=src .venv/bin/python benchmarks/auto_compression.py --quick --trials 8   # + Optuna refinement
+    PYTHONPATH=src .venv/bin/python benchmarks/auto_compression.py --quick --model fmnist_student --int8-layers sweep
 
 The precision axis (``--precision both``, the default): every measured plan is also measured
 as a static int8 ONNX file (PTQ on 512 training inputs, accuracy in ONNX Runtime on validation,
@@ -143,7 +144,7 @@ def finetuned(m: search.Measurer, plan: dict, splits, config, seed: int) -> torc
     return model.eval()
 
 
-def deployed(m: search.Measurer, teacher, model, precision: str, splits, space, batch: int, threads: int,
+def deployed(m: search.Measurer, teacher, model, precision: str, splits, q_cfg, batch: int, threads: int,
              budget_s: float, dense_acc: float, quantized=None) -> dict:
     """A chosen model as it ships (its fp32 file, or int8 file quantized as the recipe does), measured once.
 
@@ -153,7 +154,7 @@ def deployed(m: search.Measurer, teacher, model, precision: str, splits, space, 
     from torchslim.measure.ort import compare_ort_latency
 
     if precision == "int8":
-        q = quantized or finish_int8(model, int8_config(space), splits.train, splits.val, None, threads,
+        q = quantized or finish_int8(model, q_cfg, splits.train, splits.val, None, threads,
                                      dense_acc)[0]
         test, file = q.evaluate(splits.test, threads=threads)["accuracy"], q.int8_onnx
     else:
@@ -178,25 +179,26 @@ def tp_global(teacher, ratio: float, round_to: int, example: torch.Tensor):
     return model.eval()
 
 
-def tp_latency(m: search.Measurer, model, precision: str, space, splits, budget) -> float:
+def tp_latency(m: search.Measurer, model, precision: str, q_cfg, splits, budget) -> float:
     """Measured latency ratio of ``model``'s file in ``precision`` against the dense fp32 file."""
     from torchslim.measure.ort import compare_ort_latency
     from torchslim.quant import quantize
 
     file = m.onnx(model)
     if precision == "int8":
-        file = quantize(model, int8_config(space), calib=splits.train, example=m.example, fp32_onnx=file).int8_onnx
+        file = quantize(model, q_cfg, calib=splits.train, example=m.example, fp32_onnx=file).int8_onnx
     t = compare_ort_latency({"dense": m.dense_file(), "cand": file}, m.example[:1], budget.batch,
                             threads=budget.threads, budget_s=budget.latency_budget_s)
     return t["cand"]["median_ms"] / t["dense"]["median_ms"]
 
 
-def tp_at_latency(m, teacher, target: float, precision: str, space, splits, budget, steps: int) -> tuple:
+def tp_at_latency(m, teacher, target: float, precision: str, space, q_cfg, splits, budget, steps: int) -> tuple:
     """Bisect Torch-Pruning's global ratio to the ``target`` latency ratio; the (ratio, measured ratio) closest."""
     lo, hi, best = 0.0, 0.95, None
     for _ in range(steps):
         mid = (lo + hi) / 2
-        lat = tp_latency(m, tp_global(teacher, mid, space.round_to, m.example[:1]), precision, space, splits, budget)
+        lat = tp_latency(m, tp_global(teacher, mid, space.round_to, m.example[:1]), precision, q_cfg, splits,
+                         budget)
         log(f"torch_pruning global ratio {mid:.3f}: {precision} latency {lat:.3f}x (target {target:.3f}x)")
         if best is None or abs(lat - target) < abs(best[1] - target):
             best = (mid, lat)
@@ -256,7 +258,8 @@ def main() -> None:
     ft = ts.TrainConfig(epochs=epochs)
     data = {"dataset": "fashion-mnist", "val_size": 5000, **limits}
     emit("config", model=args.model, quick=args.quick, precision=args.precision,
-         load_average=list(os.getloadavg()), trial_samples=args.trial_samples, trials=args.trials, threads=args.threads, batch=args.batch, finetune_epochs=epochs,
+         load_average=list(os.getloadavg()), trial_samples=args.trial_samples, trials=args.trials,
+         threads=args.threads, batch=args.batch, finetune_epochs=epochs, int8_layers=args.int8_layers,
          train=len(splits.train.y), val=len(splits.val.y), test=len(splits.test.y), space=space.to_dict(),
          torch=torch.__version__)
     start = time.time()
@@ -280,7 +283,10 @@ def main() -> None:
     except InfeasibleBudget as exc:
         emit("chosen", budget="latency_0.25x", feasible=False, message=str(exc))
     uniform = [p for p in r.points if p.source == "uniform"]
-    shipped = lambda p, model, q=None: deployed(m, teacher, model, p.precision, splits, space, args.batch,  # noqa: E731
+    # int8 files of the baselines are made as the search's twins are: its per-layer choice of float layers included.
+    d8 = [p for p in r.points if p.precision == "int8" and p.source == "dense"]
+    q_cfg = int8_config(space).model_copy(update={"exclude": tuple(d8[0].extra["int8"]["excluded"]) if d8 else ()})
+    shipped = lambda p, model, q=None: deployed(m, teacher, model, p.precision, splits, q_cfg, args.batch,  # noqa: E731
                                                 args.threads, budget.latency_budget_s, dense_acc, q)
     for name, (p, model, q) in chosen.items():
         d = shipped(p, model, q)
@@ -301,7 +307,8 @@ def main() -> None:
         except ImportError:
             emit("skip", what="torch_pruning", why="torch_pruning is not importable (pip install torch-pruning)")
             continue
-        ratio, lat = tp_at_latency(m, teacher, p.latency_ratio, p.precision, space, splits, budget, args.tp_steps)
+        ratio, lat = tp_at_latency(m, teacher, p.latency_ratio, p.precision, space, q_cfg, splits, budget,
+                                   args.tp_steps)
         tpm = tp_global(teacher, ratio, space.round_to, splits.train.x[:1])
         kd_finetune_(tpm, teacher, splits.train, splits.val, ft, seed=finetune_seed(0))
         td = shipped(p, tpm.eval())
