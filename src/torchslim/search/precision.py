@@ -1,6 +1,6 @@
 """The precision axis of a search: every measured channel plan also as a static int8 ONNX file.
 
-Why whole-file int8 and not a per-group choice: on the CPUs this targets, ONNX Runtime's
+Why int8 is not a per-group choice in the allocation: on the CPUs this targets, ONNX Runtime's
 int8 gain comes from running the graph's convolutions and matrix products as int8 kernels
 end to end; a float layer between two int8 ones costs a DequantizeLinear/QuantizeLinear pair
 that can eat the gain. So each plan the search measures in fp32 (dense, sweep, uniform) is
@@ -15,9 +15,12 @@ then quantized the way the emitted recipe's ``quantize`` stage does it.
 With ``SearchSpace.int8_layers="sweep"`` the precision is per layer: before the points are
 measured, :func:`~torchslim.quant.precision.int8_layer_sweep` runs once on the dense model at the
 budget's batch (a layer stays float when int8 makes the file slower or less accurate), and every
-plan's int8 twin keeps those layers float (a channel cut keeps the layer names). The file
-measured for a point is then the file shipped, and the recipe's ``quantize.method.exclude`` lists
-the same layers, so ``torchslim run`` rebuilds it without timing anything again. (One sweep per
+plan's int8 twin keeps those layers float (a channel cut keeps the layer names). The layers
+measured float are then the layers shipped float: the chosen model is quantized with the same
+``exclude``, and the recipe's ``quantize.method.exclude`` lists them, so ``torchslim run``
+rebuilds that file without timing anything again (the shipped file is exported from the
+fine-tuned model with the default exporter, as the ``quantize`` stage does; the measured twin
+came from a TorchScript export of the model before the final fine-tune). (One sweep per
 plan would cost a quantization per layer per point.)
 
 Optuna trials (``trials > 0``) refine the channel plan in fp32 only: an int8 point is never
