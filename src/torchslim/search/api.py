@@ -102,7 +102,8 @@ class SearchResult:
         shown = [self.dense, *[q for q in self.front if q is not self.dense]]
         for p in shown + ([self.chosen] if self.chosen not in shown else []):
             mark = "*" if p is self.chosen else ""
-            lines.append(f"| {mark} | {p.source} | {p.precision} | {100 * p.accuracy:.2f} | {p.drop:+.2f} | {p.latency_p50_ms:.2f} | "
+            lines.append(f"| {mark} | {p.source} | {p.precision} | {100 * p.accuracy:.2f} | {p.drop:+.2f} | "
+                         f"{p.latency_p50_ms:.2f} | "
                          f"{p.latency_p90_ms:.2f} | {p.latency_ratio:.3f} | {p.macs:,} | {p.bytes:,} |")
         m = self.metrics
         test = f", test {100 * m['test_accuracy']:.2f}%" if m.get("test_accuracy") is not None else ""
