@@ -30,7 +30,8 @@ choice (``chosen_without_trials``). The study lives in the run folder: running a
 same settings and a larger ``--trials`` continues it.
 
 Output: JSON lines on stdout (``config``, ``dense``, ``point`` per measured point,
-``tables_error``, ``chosen`` per budget, ``uniform_vs_front``, ``summary``); progress on stderr.
+``tables_error``, ``chosen`` per budget, ``torch_pruning`` per budget whose choice is faster than
+dense (or ``skip``), ``uniform_vs_front``, ``summary``); progress on stderr.
 
 Run (from the repository root)::
 
