@@ -13,10 +13,11 @@ Cost: one fp32 export (every file is quantized from it, see ``fp32_onnx`` in
 layer, plus one for the final choice: the model with every kept-float layer
 float together is quantized, evaluated and timed against the fp32 and all-int8
 files once more (``final``), since layers that each pay alone need not pay
-together. When that file is slower than all-int8 somewhere and no more
-accurate, or slower than fp32 at some batch size where all-int8 is not,
-all-int8 is taken; when that too is slower than fp32 somewhere, every layer
-stays float (int8 does not pay on this model; the
+together (beside the best of those layers alone, when they are several). The
+first of the two that is slower than all-int8 at no batch size (or more
+accurate) is taken, else all-int8; when it is slower than fp32 at some batch
+size where all-int8 is not, all-int8 is taken; when that too is slower than
+fp32 somewhere, every layer stays float (int8 does not pay on this model; the
 ``quantize`` stage then ships the fp32 file); ``slower_at`` names the batch
 sizes where the final file is slower than fp32.
 """
@@ -92,9 +93,14 @@ def int8_layer_sweep(model: nn.Module, config: Int8Config, calib: Any, val: Any,
     chosen_model = base
     slower_at = [b for b in latency["fp32"] if latency["all_int8"][b] > latency["fp32"][b]]
     if verify:
+        kept = [n for n in names if layers[n]["keep_float"]]
+        # The layer whose float form gained most at its worst batch size: tried alone when the
+        # kept layers together do not pay (their single gains can be noise, or cancel).
+        single = max(kept, key=lambda n: min(latency["all_int8"][b] / latency[n][b] for b in latency[n]),
+                     default=None)
         final, chosen_model, slower_at = _verify(model, config, calib, base, exclude, names, sub, one_input,
                                                  batch_sizes, threads, budget_s, example,
-                                                 accuracy["all_int8"], accuracy_tol, latency_tol)
+                                                 accuracy["all_int8"], accuracy_tol, latency_tol, single)
     return {"final": final, "slower_at": slower_at, "quantized": chosen_model,
             "all_int8": {"accuracy": accuracy["all_int8"], "latency_ms": latency["all_int8"]},
             "fp32": {"accuracy": accuracy["fp32"], "latency_ms": latency["fp32"]},
@@ -145,15 +151,16 @@ def _requantize(model: nn.Module, config: Int8Config, calib: Any, base: Any, exc
 
 def _verify(model: nn.Module, config: Int8Config, calib: Any, base: Any, exclude: list[str], names: list[str],
             sub: Any, one_input: Any, batch_sizes: Sequence[int], threads: int | None, budget_s: float,
-            example: Any, base_accuracy: float, accuracy_tol: float, latency_tol: float
+            example: Any, base_accuracy: float, accuracy_tol: float, latency_tol: float, single: str | None = None
             ) -> tuple[dict[str, Any], Any, list[str]]:
     """Time the chosen file against fp32 and all-int8; fall back when it does not pay.
 
     Layers that each pay when kept float alone need not pay together (every float/int8
     boundary adds a QuantizeLinear or DequantizeLinear), so the choice is measured once
-    more. All-int8 is taken instead when the choice is slower than all-int8 at some batch
-    size without being more accurate, or slower than fp32 where all-int8 is not; when
-    both are slower than fp32 somewhere, every layer stays float: int8 does not pay here.
+    more, beside ``single`` (the best layer alone) when the choice has several layers. The
+    first of them that is slower than all-int8 at no batch size (or more accurate) is
+    taken, else all-int8; when the result is slower than fp32 somewhere, all-int8 is taken
+    if it is not, and otherwise every layer stays float: int8 does not pay on this model.
     """
     from torchslim.measure.ort import compare_ort_latency, ort_accuracy  # noqa: PLC0415
 
@@ -162,8 +169,13 @@ def _verify(model: nn.Module, config: Int8Config, calib: Any, base: Any, exclude
             return base
         return _requantize(model, config, calib, base, tuple(ex), example)
 
-    chosen = build(exclude)
-    files = {"fp32": base.fp32_onnx, "all_int8": base.int8_onnx, "chosen": chosen.int8_onnx}
+    candidates: dict[str, list[str]] = {}
+    if exclude != list(config.exclude):
+        candidates["chosen"] = exclude
+        if single is not None and len(exclude) > len(config.exclude) + 1:
+            candidates["single"] = list(config.exclude) + [single]
+    built = {k: build(ex) for k, ex in candidates.items()}
+    files = {"fp32": base.fp32_onnx, "all_int8": base.int8_onnx, **{k: q.int8_onnx for k, q in built.items()}}
     lat: dict[str, dict[str, float]] = {k: {} for k in files}
     for b in batch_sizes:
         timed = compare_ort_latency(files, one_input, b, threads=threads, budget_s=budget_s)
@@ -173,18 +185,26 @@ def _verify(model: nn.Module, config: Int8Config, calib: Any, base: Any, exclude
     def slower_at(key: str) -> list[str]:
         return [b for b in lat["fp32"] if lat[key][b] > lat["fp32"][b]]
 
+    key, chosen, accuracy, rejected = "all_int8", base, base_accuracy, []
+    exclude = list(config.exclude)
+    for k, ex in candidates.items():
+        acc = ort_accuracy(built[k].int8_onnx, sub.x, sub.y, threads=threads)
+        behind = [b for b in lat["fp32"] if lat[k][b] > (1 + latency_tol) * lat["all_int8"][b]]
+        if behind and acc <= base_accuracy + accuracy_tol:
+            rejected.append(f"{', '.join(ex[len(config.exclude):])} float: slower than all int8 ("
+                            + ", ".join(f"b={b}: {lat[k][b]:.3f} ms vs {lat['all_int8'][b]:.3f} ms" for b in behind)
+                            + ") and no more accurate")
+            continue
+        key, chosen, accuracy, exclude = k, built[k], acc, list(ex)
+        break
     fallback = None
-    key = "chosen"
-    accuracy = ort_accuracy(chosen.int8_onnx, sub.x, sub.y, threads=threads) if chosen is not base else base_accuracy
-    behind = [b for b in lat["fp32"] if lat["chosen"][b] > (1 + latency_tol) * lat["all_int8"][b]]
-    if exclude != list(config.exclude) and behind and accuracy <= base_accuracy + accuracy_tol:
-        fallback = ("the chosen float layers together were slower than all int8 ("
-                    + ", ".join(f"b={b}: {lat['chosen'][b]:.3f} ms vs {lat['all_int8'][b]:.3f} ms" for b in behind)
-                    + ") and no more accurate: all int8 taken")
+    if rejected:
+        fallback = "; ".join(rejected) + ("" if key == "all_int8" else f"; taken: {', '.join(exclude)} float")
+        if key == "all_int8":
+            fallback += ": all int8 taken"
+    if slower_at(key) and key != "all_int8" and not slower_at("all_int8"):
         exclude, chosen, key, accuracy = list(config.exclude), base, "all_int8", base_accuracy
-    if slower_at(key) and key == "chosen" and exclude != list(config.exclude) and not slower_at("all_int8"):
-        exclude, chosen, key, accuracy = list(config.exclude), base, "all_int8", base_accuracy
-        fallback = "the chosen float layers together were slower than fp32; all int8 is not"
+        fallback = "the chosen float layers were slower than fp32; all int8 is not"
     elif slower_at(key):
         worst = ", ".join(f"b={b}: {lat[key][b]:.3f} ms vs fp32 {lat['fp32'][b]:.3f} ms" for b in slower_at(key))
         exclude = list(dict.fromkeys(list(config.exclude) + names))
