@@ -194,6 +194,25 @@ def test_default_schedule_follows_the_budget():
     assert [r["lr"] for r in history] == [TrainConfig().lr] * 2
 
 
+def test_a_masked_model_fine_tunes_at_a_constant_rate_unless_a_schedule_is_given():
+    # After pruning to 98 %, 10 constant epochs beat cosine (benchmarks/README.md, robustness section).
+    from torchslim.prune import UnstructuredPruning, prune_
+
+    def lrs(config, masked):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        if masked:
+            prune_(model, UnstructuredPruning(sparsity=0.5))
+        return [r["lr"] for r in fit(model, _blobs_for_default(), config, progress=False)]
+
+    four = TrainConfig(epochs=4, batch_size=8)
+    assert four.schedule == "cosine" and four.for_masked_model().schedule == "constant"
+    assert "schedule" not in four.for_masked_model().model_fields_set
+    assert lrs(four, masked=True) == [four.lr] * 4
+    assert len(set(lrs(four, masked=False))) == 4  # cosine from scratch
+    assert len(set(lrs(TrainConfig(epochs=4, batch_size=8, schedule="cosine"), masked=True))) == 4
+
+
 def _blobs_for_default():
     from torchslim.data import TensorSplit
 

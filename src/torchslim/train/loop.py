@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from torchslim.core.masks import has_masks
 from torchslim.errors import ConfigError, TrainingError, TrainingInterrupted
 from torchslim.train.checkpoint import load_checkpoint, model_signature, save_checkpoint
 from torchslim.train.config import TrainConfig
@@ -214,7 +215,8 @@ def fit(
     Args:
         model: the model to train (already on ``device``).
         train: training split (``x``, ``y`` tensors, kept in memory).
-        config: optimizer, schedule, epochs and batch size.
+        config: optimizer, schedule, epochs and batch size (a model carrying pruning masks
+            trains at a constant rate when the schedule was not given: see :class:`TrainConfig`).
         val: split evaluated after every epoch (optional).
         objective: computes logits and loss parts; default cross-entropy. One with
             ``uses_index = True`` also gets ``index=`` (the batch's rows in ``train``).
@@ -260,6 +262,8 @@ def fit(
             ``checkpoint_path`` is set.
     """
     dist = dist or DistContext.from_env()
+    if has_masks(model):
+        config = config.for_masked_model()  # a fine-tune after pruning: constant unless a schedule was given
     objective = objective or CrossEntropyObjective(config.label_smoothing)
     pass_index = bool(getattr(objective, "uses_index", False))
     begin_step = getattr(objective, "begin_step", None)  # objectives that change along training (DKD warm-up)
