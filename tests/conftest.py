@@ -27,6 +27,16 @@ def make_blobs(n: int = 256, classes: int = 4, shape=(1, 8, 8), seed: int = 0) -
     return Split(x, y)
 
 
+def digits_teacher(train, epochs: int) -> torch.nn.Module:
+    """A width-8 fmnist_teacher trained on sklearn's digits: the search tests' dense model."""
+    import torchslim as ts
+
+    torch.manual_seed(0)
+    model = ts.models.create("fmnist_teacher", input_size=8, num_classes=10, width=8, fc=32)
+    ts.fit(model, train, ts.TrainConfig(epochs=epochs, lr=3e-3), progress=False)
+    return model.eval()
+
+
 @pytest.fixture
 def blobs() -> Split:
     return make_blobs()

@@ -17,6 +17,7 @@ import torchslim.search as search
 from torchslim.search import Budget, InfeasibleBudget, Point, SearchSpace, choose, pareto_front
 from torchslim.search.sensitivity import accuracy
 from torchslim.search.space import channel_groups, plan_config
+from conftest import digits_teacher
 
 DATA = {"dataset": "digits", "val_fraction": 0.1}
 
@@ -28,10 +29,7 @@ def splits():
 
 @pytest.fixture(scope="module")
 def model(splits):
-    torch.manual_seed(0)
-    m = ts.models.create("fmnist_teacher", input_size=8, num_classes=10, width=8, fc=32)
-    ts.fit(m, splits.train, ts.TrainConfig(epochs=6, lr=3e-3), progress=False)
-    return m.eval()
+    return digits_teacher(splits.train, epochs=6)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 import torchslim as ts
 import torchslim.search as search
 from torchslim.errors import ConfigError
 from torchslim.search import Budget, SearchSpace
+from conftest import digits_teacher
 
 pytest.importorskip("onnxruntime.quantization")
 onnx = pytest.importorskip("onnx")
@@ -39,10 +39,7 @@ def splits():
 
 @pytest.fixture(scope="module")
 def model(splits):
-    torch.manual_seed(0)
-    m = ts.models.create("fmnist_teacher", input_size=8, num_classes=10, width=8, fc=32)
-    ts.fit(m, splits.train, ts.TrainConfig(epochs=4, lr=3e-3), progress=False)
-    return m.eval()
+    return digits_teacher(splits.train, epochs=4)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from torchslim.search import Budget, SearchSpace, StudyConfig
 from torchslim.search import study as st
 from torchslim.search.front import Point
 from torchslim.search.space import GroupChoice
+from conftest import digits_teacher
 
 optuna = pytest.importorskip("optuna")
 
@@ -40,10 +41,7 @@ def splits():
 
 @pytest.fixture(scope="module")
 def model(splits):
-    torch.manual_seed(0)
-    m = ts.models.create("fmnist_teacher", input_size=8, num_classes=10, width=8, fc=32)
-    ts.fit(m, splits.train, ts.TrainConfig(epochs=4, lr=3e-3), progress=False)
-    return m.eval()
+    return digits_teacher(splits.train, epochs=4)
 
 
 def _study(folder: Path):
