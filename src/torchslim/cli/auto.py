@@ -159,4 +159,6 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
     return {"model": model, "train": splits.train, "val": splits.val, "budget": budget, "space": space,
             "finetune": finetune, "test": splits.test, "out": Path(args.out), "recipe_data": data,
             "seed": args.seed, "trials": args.trials, "study": study, "trial_finetune": trial_ft,
-            "trial_samples": args.trial_samples}
+            "trial_samples": args.trial_samples,
+            # getattr: an auto.json written before finalists existed
+            "finalists": getattr(args, "finalists", 3) if finetune is not None else 0}

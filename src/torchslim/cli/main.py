@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "first and kept float in every int8 point where int8 does not pay (sweep)")
     auto.add_argument("--latency-budget", type=float, default=0.5, help="seconds of timing per measurement")
     auto.add_argument("--finetune-epochs", type=int, default=1, help="KD fine-tune of the chosen plan (0: none)")
+    auto.add_argument("--finalists", type=int, default=3, help="front points given that fine-tune before the choice "
+                      "(with --max-drop: a bisection by latency over the points faster than the proxy's choice; "
+                      "with a bound: the most accurate feasible ones); 0: the front's proxy accuracy decides")
     auto.add_argument("--trials", type=int, help="Optuna trials refining the front, counted over the whole study "
                       "(default 0: the Lagrangian front alone; needs pip install 'torchslim[search]')")
     auto.add_argument("--trial-epochs", type=int, help="KD fine-tune epochs given to every candidate before it is "

@@ -9,8 +9,10 @@ The loop (NetAdapt's tables, a Lagrangian allocation, every reported point measu
 3. measurement: every plan is built, BatchNorm re-estimated, exported, timed end to end in
    the budget's runtime (alternating with the dense model) and scored on the whole
    validation split; only those measurements make the front;
-4. choice: the best point the budget allows gets a short KD fine-tune from the dense model,
-   exactly as the emitted recipe's ``finetune`` stage does it, and is scored once on test.
+4. choice: the front's proxy accuracy (after the cut, or a short trial fine-tune) ranks the
+   plans, and a few finalists get the full KD fine-tune from the dense model, exactly as the
+   emitted recipe's ``finetune`` stage does it, before the budget picks one
+   (:mod:`~torchslim.search.finalists`); the winner is scored once on test.
 
 Precision: with int8 in ``SearchSpace.precision`` (the default when ONNX Runtime's quantization is
 installed) every plan measured in step 3, the dense model included, is also quantized to static
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import os
 import time
 import types
@@ -42,8 +43,10 @@ import yaml
 from torchslim.errors import ConfigError, TorchSlimError
 from torchslim.search.allocate import lagrangian_plans, pick_spread
 from torchslim.search.budget import Budget, SearchSpace
+from torchslim.search.finalists import best_within_bound, bisect_drop, drop_candidates, finetune_seed, finish_point, \
+    kd_finetune_, score_on_test  # noqa: F401 (finetune_seed, kd_finetune_ re-exported)
 from torchslim.search.front import Point, pareto_front, plot_front, write_json
-from torchslim.search.precision import finish_int8, int8_config, layer_precision, measure_int8, prefer_fp32_twin, \
+from torchslim.search.precision import int8_config, layer_precision, measure_int8, prefer_fp32_twin, \
     resolve_precision
 from torchslim.search.recipe import FINETUNE_ID, PRUNE_ID, _model_ref, recipe_document  # noqa: F401 (re-exported)
 from torchslim.search.sensitivity import Measurer, Tables, accuracy, build_tables
@@ -110,32 +113,15 @@ class SearchResult:
         kind = "int8 file in ONNX Runtime" if m.get("precision") == "int8" else "fp32"
         lines.append(f"chosen plan after fine-tuning ({kind}): val {100 * m['val_accuracy']:.2f}% "
                      f"({m['val_drop']:+.2f} points vs dense){test}; latency {self.chosen.latency_ratio:.3f}x dense")
+        if m.get("finalists"):
+            lines.append(f"chosen by the full fine-tune of {m['finalists']} finalist(s): "
+                         + ("its validation figures decided" if m.get("chosen_by") == "full fine-tune" else
+                            "none met the budget, so the proxy's choice stands"))
         e = self.prediction_error
         lines.append(f"latency table vs end-to-end: mean |error| {100 * e['latency_mean_abs']:.1f}% of dense "
                      f"latency (max {100 * e['latency_max_abs']:.1f}%); drop prediction mean |error| "
                      f"{e['drop_mean_abs']:.2f} points")
         return "\n".join(lines)
-
-
-def finetune_seed(recipe_seed: int, stage_id: str = FINETUNE_ID) -> int:
-    """The seed the pipeline gives a stage (``RunContext.seed``): the search fine-tunes with it so
-    the emitted recipe retraces the same batches."""
-    digest = hashlib.sha256(f"{recipe_seed}:{stage_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def kd_finetune_(model: nn.Module, teacher: nn.Module, train: Any, val: Any, config: Any, *, seed: int,
-                 kd: Any = None) -> list[dict[str, Any]]:
-    """KD fine-tune in place, as the pipeline's ``finetune`` stage with ``teacher`` does (same loss, cache, seed use)."""
-    from torchslim.distill import DistillConfig, DistillObjective, prepare_teacher_cache
-    from torchslim.train import fit
-
-    kd = kd if kd is not None else DistillConfig()
-    teacher = copy.deepcopy(teacher).eval()
-    cache = prepare_teacher_cache(teacher, train, kd, config)
-    with DistillObjective(model, teacher, kd, example=train.x[:2], teacher_cache=cache,
-                          label_smoothing=config.label_smoothing) as loss:
-        return fit(model, train, config, objective=loss, val=val, seed=seed, stage=FINETUNE_ID, progress=False)
 
 
 def _feasible(p: Point, budget: Budget, dense: Point) -> bool:
@@ -197,6 +183,7 @@ def search(
     trial_finetune: Any = None,
     trial_samples: int | None = None,
     trials: int = 0,
+    finalists: int = 3,
     study: Any = None,
     on_study_ready: Callable[[], None] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -237,6 +224,12 @@ def search(
             ``pip install 'torchslim[search]'``); 0: the Lagrangian front alone. Counted over
             the whole study: a search resumed on the same ``out`` (or storage) runs only the
             trials it still lacks, and other processes (:func:`search_worker`) may run some.
+        finalists: how many front points get the full ``finetune`` before the choice
+            (:mod:`~torchslim.search.finalists`): under ``max_drop`` a bisection, by measured
+            latency, over the front's points faster than the proxy's choice, and the fastest
+            within the drop on validation after the full fine-tune wins; under a bound, the
+            ``finalists`` most accurate feasible points, and the best after the fine-tune wins.
+            0 (or no ``finetune``): the front's proxy accuracy decides alone.
         study: where the study lives and how it samples (:class:`~torchslim.search.StudyConfig`).
         on_study_ready: called once the study exists and holds the stage-one points, before any
             trial runs (the CLI starts its extra worker processes there).
@@ -248,7 +241,8 @@ def search(
     Raises:
         InfeasibleBudget: no measured point meets the budget (the files are still written).
         ModelError: the model cannot be traced.
-        ConfigError: ``trials`` > 0 without Optuna, or a study in ``out`` made with other settings.
+        ConfigError: ``trials`` > 0 without Optuna, ``finalists`` < 0, or a study in ``out`` made with
+            other settings.
 
     Example:
         A few seconds on 2 cores (tests/test_search.py runs searches like it)::
@@ -265,6 +259,8 @@ def search(
     space = space or SearchSpace()
     say = progress or (lambda s: None)
     folder = Path(out) if out is not None else None
+    if finalists < 0:
+        raise ConfigError(f"finalists must be >= 0 (0: the proxy accuracy decides alone), got {finalists}")
     run = _prepare(model, train, val, budget, space, kd, seed, uniform, trial_finetune, trial_samples, trials, study)
     m, groups = run.m, run.groups
     dense, tables, points = _stage_one(run, folder, say)
@@ -285,21 +281,36 @@ def search(
                                "precision": list(run.precision),
                                "accuracy_measured": "after a trial KD fine-tune" if trial is not None else
                                "after the cut and BatchNorm re-estimation, no fine-tune"}
+    # The front is accuracy against latency: the smallest files (int8 ones that are not faster)
+    # need not be on it, so a size bound chooses among every measured point.
+    pool = points if budget.size_bytes is not None else front
     try:
-        # The front is accuracy against latency: the smallest files (int8 ones that are not faster)
-        # need not be on it, so a size bound chooses among every measured point.
-        chosen = prefer_fp32_twin(choose(points if budget.size_bytes is not None else front, budget, dense),
-                                  points, budget)
+        proxy: Point | None = prefer_fp32_twin(choose(pool, budget, dense), points, budget)
+        infeasible = None
     except InfeasibleBudget as exc:
+        proxy, infeasible = None, exc
+    evaluate = lambda p: finish_point(run, p, train, val, finetune, kd, seed)  # noqa: E731
+    winner, tried = _finalists(run, pool, points, front, dense, proxy, finetune, finalists, evaluate, say)
+    payload["finalists"] = [f.record() for f in tried]
+    if winner is None and proxy is None:
+        assert infeasible is not None
+        if tried:
+            near = "; ".join(f"{100 * f.metrics['val_accuracy']:.2f}% ({f.metrics['val_drop']:+.2f} points) at "
+                             f"{f.point.latency_ratio:.3f}x" for f in tried)
+            infeasible = InfeasibleBudget(f"{infeasible} After the full fine-tune the finalists were: {near}.",
+                                          infeasible.front, infeasible.nearest)
         if folder is not None:
-            write_json(folder / "pareto.json", {**payload, "chosen": None, "infeasible": str(exc)})
+            write_json(folder / "pareto.json", {**payload, "chosen": None, "infeasible": str(infeasible)})
             plot_front(folder / "pareto.png", points, front, None, budget.describe(), _ylabel(payload))
-        raise
-    best_model, metrics = _finish(m, chosen, train, val, test, finetune, kd, seed, run.dense_acc)
-    quantized = None
-    if chosen.precision == "int8":
-        quantized, q_metrics = finish_int8(best_model, run.int8_cfg, train, val, test, budget.threads, run.dense_acc)
-        metrics = {**metrics, **q_metrics}
+        raise infeasible
+    if winner is not None:
+        chosen, best_model, metrics, quantized = winner.point, winner.model, winner.metrics, winner.quantized
+    else:
+        assert proxy is not None
+        chosen = proxy
+        best_model, metrics, quantized = evaluate(proxy)
+    metrics = {**metrics, **score_on_test(best_model, quantized, test, budget.threads),
+               "chosen_by": "full fine-tune" if winner is not None else "proxy", "finalists": len(tried)}
     if chosen.source == "dense":
         finetune = None  # the dense model is returned as it is, so its recipe must not fine-tune it either
     recipe = None
@@ -527,23 +538,18 @@ def _subset(split: Any, n: int | None) -> Any:
     return types.SimpleNamespace(x=split.x[:n], y=split.y[:n])
 
 
-def _finish(m: Measurer, chosen: Point, train: Any, val: Any, test: Any, finetune: Any, kd: Any, seed: int,
-            dense_acc: float) -> tuple[nn.Module, dict[str, Any]]:
-    """The chosen model: as the recipe builds it (cut, then KD fine-tune), scored on val and once on test."""
-    if chosen.source == "dense":
-        model = copy.deepcopy(m.dense)
-    elif finetune is not None and finetune.epochs > 0:
-        # No BatchNorm re-estimation here: the recipe's prune_channels stage has none, and the
-        # fine-tune's training passes re-estimate the statistics anyway.
-        model = m.build(chosen.plan, recalibrate=False)
-        kd_finetune_(model, m.dense, train, val, finetune, seed=finetune_seed(seed), kd=kd)
-    else:
-        model = m.build(chosen.plan)
-    model.eval()
-    val_acc = accuracy(model, val.x, val.y)
-    return model, {"val_accuracy": val_acc, "val_drop": 100 * (dense_acc - val_acc),
-                   "test_accuracy": accuracy(model, test.x, test.y) if test is not None else None,
-                   "finetune_epochs": finetune.epochs if finetune is not None and chosen.source != "dense" else 0}
+def _finalists(run: _Run, pool: list[Point], points: list[Point], front: list[Point], dense: Point,
+               proxy: Point | None, finetune: Any, k: int, evaluate: Callable[[Point], Any],
+               say: Callable[[str], None]) -> tuple[Any, list[Any]]:
+    """The choice checked with the full fine-tune (:mod:`~torchslim.search.finalists`): winner and probes."""
+    if k < 1 or finetune is None or finetune.epochs < 1:
+        return None, []
+    budget = run.budget
+    if budget.max_drop is not None:
+        return bisect_drop(drop_candidates(front, points, proxy), budget.max_drop, evaluate, k, say)
+    if proxy is None or proxy.source == "dense":
+        return None, []  # nothing fits, or the dense model itself does
+    return best_within_bound([p for p in pool if _feasible(p, budget, dense)], evaluate, k, say)
 
 
 def _write(folder: Path, m: Measurer, model: nn.Module, best: nn.Module, chosen: Point, points: list[Point],

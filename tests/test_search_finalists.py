@@ -1,0 +1,117 @@
+"""The final choice decided by the full fine-tune (torchslim.search.finalists).
+
+The bisection and the bound's choice are checked with a fake fine-tune (what each point
+recovers to is given), then one tiny digits search checks that the finalists are fine-tuned
+as the chosen model is and that the choice respects the budget after that fine-tune.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import torchslim as ts
+import torchslim.search as search
+from torchslim.errors import ConfigError
+from torchslim.search import Budget, Point, SearchSpace
+from torchslim.search.finalists import best_within_bound, bisect_drop, drop_candidates
+from torchslim.search.sensitivity import accuracy
+from conftest import digits_teacher
+
+
+def _p(ratio: float, drop: float, precision: str = "fp32", source: str = "sweep", plan: dict | None = None) -> Point:
+    plan = plan if plan is not None else {"g": int(ratio * 1000)}
+    return Point(plan, source, 0.9 - drop / 100, drop, ratio, ratio, ratio, 1, 1, precision=precision)
+
+
+def _fake(recovered: dict[float, float], calls: list[float]):
+    """A fine-tune that brings the point at latency ratio r to ``recovered[r]`` points of drop."""
+    def evaluate(p: Point):
+        calls.append(p.latency_ratio)
+        drop = recovered[p.latency_ratio]
+        return object(), {"val_accuracy": 0.9 - drop / 100, "val_drop": drop}, None
+    return evaluate
+
+
+def test_candidates_are_the_front_faster_than_the_proxy_choice_fastest_first():
+    dense = _p(1.0, 0.0, source="dense", plan={"g": 8})
+    proxy = _p(0.6, 0.3)
+    fast = [_p(0.3, 4.0), _p(0.2, 9.0), _p(0.45, 1.5)]
+    cands = drop_candidates([dense, proxy, *fast], [dense, proxy, *fast], proxy)
+    assert [c.latency_ratio for c in cands] == [0.2, 0.3, 0.45]
+    # no feasible proxy choice: every cut point of the front, the dense model still excluded
+    assert [c.latency_ratio for c in drop_candidates([dense, proxy, *fast], [dense], None)] == [0.2, 0.3, 0.45, 0.6]
+
+
+def test_an_int8_candidate_within_noise_of_its_fp32_twin_gives_way_to_it():
+    twin = _p(0.50, 2.0, plan={"g": 3})
+    q8 = _p(0.49, 2.1, precision="int8", plan={"g": 3})  # 2 % faster: timing noise
+    fast8 = _p(0.30, 2.5, precision="int8", plan={"g": 5})
+    cands = drop_candidates([q8, fast8], [twin, q8, fast8], None)
+    assert [(c.precision, c.latency_ratio) for c in cands] == [("int8", 0.30), ("fp32", 0.50)]
+
+
+def test_bisection_finds_the_fastest_candidate_within_the_drop_in_log_probes():
+    ratios = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    recovered = {0.1: 3.0, 0.2: 1.9, 0.3: 0.8, 0.4: 0.45, 0.5: 0.3, 0.6: 0.2, 0.7: 0.1}
+    calls: list[float] = []
+    best, tried = bisect_drop([_p(r, 5.0) for r in ratios], 0.5, _fake(recovered, calls), 3, lambda s: None)
+    assert best is not None and best.point.latency_ratio == 0.4
+    assert calls == [0.4, 0.2, 0.3] and len(tried) == 3
+    assert [f.feasible for f in tried] == [True, False, False]
+    assert tried[0].record()["val_drop"] == 0.45 and tried[0].record()["proxy_drop"] == 5.0
+
+
+def test_bisection_stops_at_k_probes_and_reports_none_when_nothing_recovers():
+    calls: list[float] = []
+    recovered = {r: 2.0 for r in (0.1, 0.2, 0.3, 0.4, 0.5)}
+    best, tried = bisect_drop([_p(r, 4.0) for r in recovered], 0.5, _fake(recovered, calls), 2, lambda s: None)
+    assert best is None and len(calls) == 2 and not any(f.feasible for f in tried)
+    assert bisect_drop([], 0.5, _fake({}, []), 3, lambda s: None) == (None, [])
+
+
+def test_under_a_bound_the_best_after_the_fine_tune_wins_not_the_best_proxy():
+    pts = [_p(0.20, 1.0), _p(0.22, 2.0), _p(0.24, 3.0), _p(1.0, 0.0, source="dense")]
+    calls: list[float] = []
+    best, tried = best_within_bound(pts, _fake({0.20: 0.9, 0.22: 0.4, 0.24: 0.6}, calls), 2, lambda s: None)
+    assert calls == [0.20, 0.22]  # the 2 best by the proxy, the dense model never fine-tuned
+    assert best is not None and best.point.latency_ratio == 0.22
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return ts.data.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def model(splits):
+    return digits_teacher(splits.train, epochs=6)
+
+
+def test_search_checks_the_drop_after_the_full_fine_tune(model, splits, tmp_path):
+    space = SearchSpace(keep=[1.0, 0.5, 0.25], bn_batches=1, max_candidates=4, precision=["fp32"],
+                        exclude=["features.3"])
+    finetune = ts.TrainConfig(epochs=2, lr=3e-3)
+    lines: list[str] = []
+    r = search.search(model, splits.train, splits.val, Budget(max_drop=1.0, batch=16, latency_budget_s=0.01), space,
+                      finetune=finetune, test=splits.test, out=tmp_path, progress=lines.append, finalists=2,
+                      uniform=False)
+    payload = json.loads((tmp_path / "pareto.json").read_text())
+    records = payload["finalists"]
+    assert r.metrics["finalists"] == len(records) >= 1
+    assert sum(line.startswith("finalist ") for line in lines) == len(records)
+    assert all(rec["proxy_drop"] > 1.0 for rec in records)  # only points the proxy alone would have refused
+    # the shipped model is the one scored: its validation accuracy is what the choice used
+    assert r.metrics["val_accuracy"] == pytest.approx(accuracy(r.best, splits.val.x, splits.val.y))
+    assert r.metrics["test_accuracy"] == pytest.approx(accuracy(r.best, splits.test.x, splits.test.y))
+    if r.metrics["chosen_by"] == "full fine-tune":
+        assert r.metrics["val_drop"] <= 1.0 and r.chosen.drop > 1.0
+        assert any(rec["feasible"] and rec["plan"] == r.chosen.plan for rec in records)
+    else:
+        assert not any(rec["feasible"] for rec in records) and r.chosen.drop <= 1.0
+
+
+def test_finalists_must_not_be_negative(model, splits):
+    with pytest.raises(ConfigError, match="finalists"):
+        search.search(model, splits.train, splits.val, Budget(max_drop=1.0), SearchSpace(), finalists=-1)
