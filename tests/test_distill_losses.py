@@ -156,3 +156,14 @@ def test_logits_config_is_picked_by_method_and_defaults_to_kd():
         DistillConfig(logits={"method": "fitnets"})
     with pytest.raises(ConfigError, match="beta: unknown key"):
         DistillConfig(logits={"method": "dkd", "beta": 8})
+
+
+def test_at_t_1_a_confident_teachers_class_ranking_reaches_dkd_but_hardly_kd():
+    # Why both defaults are T = 1 (benchmarks/README.md, robustness, third round): the shipped teacher
+    # is nearly one-hot on its training samples. At T = 1 Hinton KD then weighs the other classes by
+    # the teacher's doubt (~1e-4 here), while NCKD renormalizes over them and still sees the ranking.
+    teacher = torch.tensor([[12.0, 3.0, 0.0, 0.0]])
+    student = torch.tensor([[12.0, 0.0, 3.0, 0.0]])  # right class, other classes ranked the other way
+    labels = torch.tensor([0])
+    assert kd_loss(student, teacher, 1.0).item() < 1e-3
+    assert dkd_loss(student, teacher, labels, 1.0)["nckd_loss"].item() > 1.0
