@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import torchslim as ts
 import torchslim.search as search
@@ -50,6 +51,14 @@ def test_an_int8_candidate_within_noise_of_its_fp32_twin_gives_way_to_it():
     fast8 = _p(0.30, 2.5, precision="int8", plan={"g": 5})
     cands = drop_candidates([q8, fast8], [twin, q8, fast8], None)
     assert [(c.precision, c.latency_ratio) for c in cands] == [("int8", 0.30), ("fp32", 0.50)]
+
+
+def test_candidates_within_timing_noise_count_as_one_latency():
+    # 0.226x and 0.229x (1.3 % apart) are one latency: the proxy's more accurate one is kept
+    near = [_p(0.226, 2.6), _p(0.229, 1.9), _p(0.30, 1.5), _p(0.139, 3.9)]
+    cands = drop_candidates(near, near, None)
+    assert [(c.latency_ratio, c.drop) for c in cands] == [(0.139, 3.9), (0.229, 1.9), (0.30, 1.5)]
+    assert len(drop_candidates(near, near, None, noise=0.0)) == 4
 
 
 def test_bisection_finds_the_fastest_candidate_within_the_drop_in_log_probes():
@@ -115,3 +124,34 @@ def test_search_checks_the_drop_after_the_full_fine_tune(model, splits, tmp_path
 def test_finalists_must_not_be_negative(model, splits):
     with pytest.raises(ConfigError, match="finalists"):
         search.search(model, splits.train, splits.val, Budget(max_drop=1.0), SearchSpace(), finalists=-1)
+
+
+def test_cli_auto_takes_a_recipe_runs_it_once_and_searches_its_final_model(tmp_path, capsys):
+    """``torchslim auto RECIPE``: the recipe trains the dense model (into RUN_DIR/base), its data is the search's."""
+    import yaml
+
+    from torchslim.cli.main import main
+
+    doc = {"version": 2, "name": "base", "seed": 0, "threads": 1, "data": {"dataset": "digits", "val_fraction": 0.1},
+           "models": {"net": {"preset": "fmnist_teacher", "args": {"width": 8, "fc": 32}}},
+           "stages": [{"kind": "train", "id": "trained", "input": "net",
+                       "train": {"epochs": 2, "lr": 0.003, "batch_size": 64}},
+                      {"kind": "export", "onnx": False}]}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(doc))
+    out = tmp_path / "auto"
+    args = ["auto", str(tmp_path / "base.yaml"), "--macs", "0.9x", "--batch", "16", "--keep", "1,0.5",
+            "--max-candidates", "2", "--latency-budget", "0.01", "--exclude", "features.3", "features.7",
+            "features.10", "--precision", "fp32", "--finetune-epochs", "0", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "running" in printed and (out / "base" / "model.slim").is_file()
+    emitted = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert emitted["data"] == {"dataset": "digits", "val_fraction": 0.1} and emitted["seed"] == 0
+    dense = ts.load(out / "dense.slim")  # the recipe's trained model is what the search cut
+    trained = ts.load(out / "base" / "model.slim")
+    assert all(torch.equal(a, b) for a, b in zip(dense.state_dict().values(), trained.state_dict().values()))
+    # resumed: the recipe is not run again
+    assert main(["auto", "--resume", str(out)]) == 0
+    assert "running" not in capsys.readouterr().out
+    assert main(["auto", str(tmp_path / "base.yaml"), "--data", "digits", "--macs", "0.9x"]) != 0
+    assert "is a recipe: its data section gives the data; drop --data" in capsys.readouterr().err

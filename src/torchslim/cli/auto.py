@@ -8,6 +8,10 @@ The settings of a search are written to ``RUN_DIR/auto.json`` before anything is
   none is left to start, then exits (start as many as there are cores to spare, on this
   machine or, with ``--storage URL``, on others that can read the same data);
 * ``--workers K`` starts K-1 such workers itself once the study exists, and waits for them.
+
+``torchslim auto RECIPE`` (a ``.yaml`` file instead of a ``.slim`` one) runs the recipe first,
+into ``RUN_DIR/base`` (once: a resume finds it there), and searches its final model on its data
+section; the emitted recipe starts from that model (``dense.slim``) with the same data and seed.
 """
 
 from __future__ import annotations
@@ -104,7 +108,10 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         return resolved
     if args.worker:
         raise ConfigError("--worker joins a running search: give --resume RUN_DIR (the search's folder)")
-    missing = [name for name, v in (("MODEL", args.model), ("--data", args.data)) if v is None]
+    from_recipe = args.model is not None and is_recipe(args.model)
+    if from_recipe and args.data is not None:
+        raise ConfigError(f"{args.model} is a recipe: its data section gives the data; drop --data")
+    missing = [name for name, v in (("MODEL", args.model), ("--data", args.data or from_recipe)) if not v]
     if all(getattr(args, k) is None for k in ("max_drop", "latency", "size", "macs")):
         missing.append("a budget (--max-drop, --latency, --size or --macs)")
     if missing:
@@ -118,6 +125,46 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     saved = {k: v for k, v in vars(args).items() if k not in _NOT_SAVED}
     (out / SETTINGS).write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
     return args
+
+
+def is_recipe(path: str) -> bool:
+    """Whether ``torchslim auto``'s MODEL argument names a recipe (YAML) rather than a ``.slim`` file."""
+    return Path(path).suffix.lower() in (".yaml", ".yml")
+
+
+def recipe_model(path: Path, out: Path) -> tuple[Path, object]:
+    """``torchslim auto RECIPE``: run the recipe into ``out/base`` once; its final model and the recipe.
+
+    The recipe's final model (``model.slim``, written by its ``export`` stage; else the model of
+    its last stage that made one) is the search's dense model, and its data section the search's
+    data. A second call (``--resume``) finds the run finished and reads it; an interrupted one is
+    resumed (finished stages are loaded from its store).
+    """
+    from torchslim.pipeline import load_recipe, resume_run, run_recipe
+
+    recipe = load_recipe(path)  # a bad recipe fails here, before anything runs
+    base = out / "base"
+    final = _final_model(base, recipe)
+    if final is None:
+        print(f"running {path} into {base} (its final model is the dense model of the search)", flush=True)
+        if (base / "recipe.yaml").is_file():
+            resume_run(base, progress=False)
+        else:
+            run_recipe(recipe, out=base, progress=False)
+        final = _final_model(base, recipe)
+    if final is None:
+        raise ConfigError(f"{path} produced no model file in {base}: give it an export stage (- kind: export)")
+    return final, recipe
+
+
+def _final_model(base: Path, recipe) -> Path | None:
+    if (base / "model.slim").is_file() and (base / "summary.json").is_file():
+        return base / "model.slim"
+    if not (base / "summary.json").is_file():
+        return None  # not run, or not finished
+    made = [base / "models" / f"{s.id}.slim" for s in recipe.stages if s.id]
+    made = [p for p in made if p.is_file()]
+    return made[-1] if made else None
 
 
 def _check_counts(trials: int, workers: int) -> None:
@@ -146,13 +193,22 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
                                exclude=args.exclude,
                                precision=None if precision is None else _PRECISION[precision],
                                int8_layers=getattr(args, "int8_layers", "all"))
-    model = load(args.model, factory=args.factory).cpu().eval()
-    val = {"val_size": args.val_size} if args.val_size else {"val_fraction": 0.1}
-    data = {"dataset": args.data, **val, **({"root": args.root} if args.root else {}),
-            **({"train_limit": args.train_limit} if args.train_limit else {}),
-            **({"test_limit": args.test_limit} if args.test_limit else {})}
-    splits = load_dataset(args.data, root=args.root, val_size=args.val_size or 0.1, train_limit=args.train_limit,
-                          test_limit=args.test_limit, seed=args.seed)
+    if is_recipe(args.model):
+        weights, recipe = recipe_model(Path(args.model), Path(args.out))
+        model = load(weights, factory=args.factory).cpu().eval()
+        d = recipe.data
+        data = d.model_dump(exclude_none=True, exclude={"download"})
+        splits = load_dataset(d.dataset, root=d.root, val_size=d.validation(), train_limit=d.train_limit,
+                              test_limit=d.test_limit, seed=recipe.seed, download=d.download)
+        args.seed = recipe.seed  # the emitted recipe must draw the same splits
+    else:
+        model = load(args.model, factory=args.factory).cpu().eval()
+        val = {"val_size": args.val_size} if args.val_size else {"val_fraction": 0.1}
+        data = {"dataset": args.data, **val, **({"root": args.root} if args.root else {}),
+                **({"train_limit": args.train_limit} if args.train_limit else {}),
+                **({"test_limit": args.test_limit} if args.test_limit else {})}
+        splits = load_dataset(args.data, root=args.root, val_size=args.val_size or 0.1,
+                              train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed)
     finetune = TrainConfig(epochs=args.finetune_epochs) if args.finetune_epochs else None
     trial_ft = TrainConfig(epochs=args.trial_epochs) if args.trial_epochs else None
     study = search.StudyConfig(storage=args.storage, **({"study_name": args.study_name} if args.study_name else {}))

@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     auto = sub.add_parser("auto", help="search per-layer channel widths under a budget; the measured Pareto front "
                           "(or --resume RUN_DIR [--worker] to continue or help a search)")
-    auto.add_argument("model", nargs="?", help=".slim file (the dense, trained model)")
+    auto.add_argument("model", nargs="?", help=".slim file (the dense, trained model), or a recipe (.yaml): it runs "
+                      "first, into RUN_DIR/base, and its final model and data section are the search's")
     auto.add_argument("--data", choices=["fashion-mnist", "mnist", "digits"])
     auto.add_argument("--root", help="folder holding the dataset's IDX files")
     goal = auto.add_mutually_exclusive_group()
