@@ -56,6 +56,13 @@ Linear ignored, ``round_to`` the space's) with its ratio bisected until its file
 point's precision, has the chosen point's measured ONNX Runtime latency; then the same KD
 fine-tune and the same measurement (``torch_pruning`` line per budget).
 
+Finalists (``--finalists K``, default 3, as ``search(finalists=)``): each budget's choice is
+decided after the full KD fine-tune, not by the front's proxy accuracy. Under "drop <= 0.5" a
+bisection by measured latency over the front's points faster than the proxy's choice (the
+fastest within 0.5 points on validation after the fine-tune wins); under "latency <= 0.25x"
+the K most accurate feasible points are fine-tuned and the best on validation wins. A
+``finalists`` line per budget lists them (proxy drop, drop after the fine-tune).
+
 ``--model fmnist_student``: no trained student is shipped, so one is trained here first (seeded,
 ``--train-epochs`` on the same training split, saved to ``OUT/dense_trained.slim`` and reused by
 a later run with the same folder); the search treats it as the dense model.
@@ -79,6 +86,7 @@ import torchslim as ts
 import torchslim.search as search
 from torchslim.search import Budget, InfeasibleBudget, SearchSpace, choose
 from torchslim.search.api import finetune_seed, kd_finetune_
+from torchslim.search.finalists import best_within_bound
 from torchslim.search.precision import finish_int8, int8_config
 from torchslim.search.sensitivity import accuracy
 
@@ -168,6 +176,23 @@ def deployed(m: search.Measurer, teacher, model, precision: str, splits, q_cfg, 
             "dense_ort_ms": ms["dense"], "dense_eager_ms": ms["eager_dense"]}
 
 
+def reproduce(out: Path, r, splits, threads: int) -> dict:
+    """``torchslim run`` on the emitted recipe: the shipped file's test accuracy against the search's."""
+    from torchslim.measure.ort import ort_accuracy
+
+    t0 = time.time()
+    run = ts.run_recipe(out / "recipe.yaml", out=out / "reproduce", progress=False)
+    if r.chosen.precision == "int8":
+        again = ort_accuracy(str(run / "model.int8.onnx"), splits.test.x, splits.test.y, threads=threads)
+    else:
+        name = "finetuned.slim" if (run / "models" / "finetuned.slim").is_file() else "pruned.slim"
+        again = accuracy(ts.load(run / "models" / name).eval(), splits.test.x, splits.test.y)
+    return {"precision": r.chosen.precision, "search_test_accuracy": r.metrics["test_accuracy"],
+            "recipe_test_accuracy": again, "difference_points": 100 * (again - r.metrics["test_accuracy"]),
+            "within_0.1": abs(100 * (again - r.metrics["test_accuracy"])) <= 0.1 + 1e-9,
+            "seconds": time.time() - t0}
+
+
 def tp_global(teacher, ratio: float, round_to: int, example: torch.Tensor):
     """Torch-Pruning 1.6 global pruning at ``ratio`` (a new model): L2 group magnitude, last Linear ignored."""
     import torch_pruning as tp
@@ -236,6 +261,13 @@ def main() -> None:
                     help="precisions of the measured points (both: every plan also as an int8 file)")
     ap.add_argument("--int8-layers", choices=["all", "sweep"], default="all",
                     help="int8 points: every layer int8, or the per-layer sweep on the dense model keeps some float")
+    ap.add_argument("--finalists", type=int, default=3, help="front points given the full fine-tune before each "
+                    "budget's choice (search(finalists=)); 0: the proxy accuracy decides")
+    ap.add_argument("--reproduce", action="store_true", help="run the emitted recipe with torchslim's pipeline "
+                    "and compare its shipped file's test accuracy with the search's (a \"reproduce\" line)")
+    ap.add_argument("--keep", type=float, nargs="+", help="kept fractions per group (default the space's: "
+                    "1 0.75 0.5 0.375 0.25)")
+    ap.add_argument("--round-to", type=int, default=8, help="channel counts rounded to a multiple of this")
     ap.add_argument("--tp-steps", type=int, default=7, help="bisection steps of Torch-Pruning's global ratio "
                     "(0: no Torch-Pruning baseline)")
     ap.add_argument("--model", choices=["fmnist_teacher", "fmnist_student"], default="fmnist_teacher",
@@ -251,7 +283,8 @@ def main() -> None:
     splits = ts.data.load_dataset("fashion-mnist", val_size=5000, seed=0, **limits)
     out = args.out or ROOT / "runs" / ("auto_compression_study" if args.trials else "auto_compression")
     teacher = dense_model(args, splits, Path(out))
-    space = SearchSpace(round_to=8, sensitivity_samples=1000 if args.quick else 2000,
+    keep = {"keep": args.keep} if args.keep else {}
+    space = SearchSpace(**keep, round_to=args.round_to, sensitivity_samples=1000 if args.quick else 2000,
                         max_candidates=10 if args.quick else 16, precision=PRECISION[args.precision],
                         int8_layers=args.int8_layers)
     budget = Budget(max_drop=0.5, batch=args.batch, threads=args.threads,
@@ -261,6 +294,7 @@ def main() -> None:
     emit("config", model=args.model, quick=args.quick, precision=args.precision,
          load_average=list(os.getloadavg()), trial_samples=args.trial_samples, trials=args.trials,
          threads=args.threads, batch=args.batch, finetune_epochs=epochs, int8_layers=args.int8_layers,
+         finalists=args.finalists,
          train=len(splits.train.y), val=len(splits.val.y), test=len(splits.test.y), space=space.to_dict(),
          torch=torch.__version__)
     start = time.time()
@@ -268,7 +302,7 @@ def main() -> None:
     trial = ts.TrainConfig(epochs=1) if trial_n else None
     r = search.search(teacher, splits.train, splits.val, budget, space, finetune=ft, test=splits.test,
                       out=out, recipe_data=data, progress=log, trial_finetune=trial, trial_samples=trial_n or None,
-                      trials=args.trials)
+                      trials=args.trials, finalists=args.finalists)
     dense_test = accuracy(teacher, splits.test.x, splits.test.y)
     emit("dense", val_accuracy=r.dense.accuracy, test_accuracy=dense_test, p50_ms=r.dense.latency_p50_ms,
          macs=r.dense.macs, bytes=r.dense.bytes)
@@ -278,15 +312,36 @@ def main() -> None:
     m = search.Measurer(teacher, r.groups, space, budget, splits.train.x)
     dense_acc = r.dense.accuracy
     chosen = {"max_drop_0.5": (r.chosen, r.best, r.quantized)}
-    try:
-        p = choose(r.points, Budget(latency=0.25, batch=args.batch, threads=args.threads), r.dense)
-        chosen["latency_0.25x"] = (p, finetuned(m, p.plan, splits, ft, 0) if p.source != "dense" else teacher, None)
-    except InfeasibleBudget as exc:
-        emit("chosen", budget="latency_0.25x", feasible=False, message=str(exc))
-    uniform = [p for p in r.points if p.source == "uniform"]
+    val_drop = {"max_drop_0.5": r.metrics["val_drop"]}  # after the full fine-tune (and int8), what the choice used
+    emit("finalists", budget="max_drop_0.5", chosen_by=r.metrics.get("chosen_by"),
+         rows=json.loads((Path(out) / "pareto.json").read_text()).get("finalists", []))
     # int8 files of the baselines are made as the search's twins are: its per-layer choice of float layers included.
     d8 = [p for p in r.points if p.precision == "int8" and p.source == "dense"]
     q_cfg = int8_config(space).model_copy(update={"exclude": tuple(d8[0].extra["int8"]["excluded"]) if d8 else ()})
+    bound = Budget(latency=0.25, batch=args.batch, threads=args.threads)
+    try:
+        p = choose(r.points, bound, r.dense)
+        if p.source != "dense" and args.finalists:
+            # As search() decides under a bound: the most accurate feasible points get the full fine-tune.
+            def evaluate(q):
+                model = finetuned(m, q.plan, splits, ft, 0)
+                qm = finish_int8(model, q_cfg, splits.train, splits.val, None, args.threads, dense_acc)[0] \
+                    if q.precision == "int8" else None
+                acc = qm.evaluate(splits.val, threads=args.threads)["accuracy"] if qm else accuracy(
+                    model, splits.val.x, splits.val.y)
+                return model, {"val_accuracy": acc, "val_drop": 100 * (dense_acc - acc)}, qm
+
+            feasible = [q for q in r.front if q.latency_ratio <= bound.latency]
+            win, tried = best_within_bound(feasible, evaluate, args.finalists, log)
+            emit("finalists", budget="latency_0.25x", rows=[f.record() for f in tried])
+            chosen["latency_0.25x"] = (win.point, win.model, win.quantized)
+            val_drop["latency_0.25x"] = win.metrics["val_drop"]
+        else:
+            chosen["latency_0.25x"] = (p, finetuned(m, p.plan, splits, ft, 0) if p.source != "dense" else teacher,
+                                       None)
+    except InfeasibleBudget as exc:
+        emit("chosen", budget="latency_0.25x", feasible=False, message=str(exc))
+    uniform = [p for p in r.points if p.source == "uniform"]
     shipped = lambda p, model, q=None: deployed(m, teacher, model, p.precision, splits, q_cfg, args.batch,  # noqa: E731
                                                 args.threads, budget.latency_budget_s, dense_acc, q)
     for name, (p, model, q) in chosen.items():
@@ -297,6 +352,7 @@ def main() -> None:
         u_test = shipped(u, finetuned(m, u.plan, splits, ft, 0))["test_accuracy"] if u else None
         emit("chosen", budget=name, feasible=True, source=p.source, precision=p.precision,
              test_drop=100 * (dense_test - d["test_accuracy"]), val_drop_before_finetune=p.drop,
+             val_drop_after_finetune=val_drop.get(name),
              latency_ratio=p.latency_ratio, macs=p.macs, bytes=p.bytes, plan=p.plan, **d,
              uniform_precision=u.precision if u else None, uniform_latency_ratio=u.latency_ratio if u else None,
              uniform_test_accuracy=u_test,
@@ -329,16 +385,18 @@ def main() -> None:
                  refined_latency_ratio=r.chosen.latency_ratio, refined_source=r.chosen.source, plan=before.plan)
         else:
             emit("chosen_without_trials", same_as_refined=True, source=before.source)
+    if args.reproduce:
+        emit("reproduce", **reproduce(Path(out), r, splits, args.threads))
     rows = compare_uniform(r.points)
     emit("uniform_vs_front", rows=rows)
     gains = [row["gain_points"] for row in rows if row["gain_points"] is not None]
-    emit("summary", seconds=time.time() - start, points=len(r.points), front=len(r.front),
+    emit("summary", seconds=time.time() - start, search_seconds=r.seconds, points=len(r.points), front=len(r.front),
          trial_points=sum(p.source == "trial" for p in r.points),
          trial_points_on_front=sum(p.source == "trial" for p in r.front), chosen_source=r.chosen.source,
          chosen_precision=r.chosen.precision, int8_points_on_front=sum(p.precision == "int8" for p in r.front),
          load_average_end=list(os.getloadavg()),
          mean_gain_points_at_equal_latency=sum(gains) / len(gains) if gains else None,
-         targets={"front_points_ge_5": len(r.front) >= 5, "minutes_le_30": (time.time() - start) <= 1800})
+         targets={"front_points_ge_5": len(r.front) >= 5, "search_minutes_le_30": r.seconds <= 1800})
 
 
 if __name__ == "__main__":
