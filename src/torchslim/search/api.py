@@ -44,7 +44,7 @@ from torchslim.errors import ConfigError, TorchSlimError
 from torchslim.search.allocate import lagrangian_plans, pick_spread
 from torchslim.search.budget import Budget, SearchSpace
 from torchslim.search.finalists import best_within_bound, bisect_drop, drop_candidates, finetune_seed, finish_point, \
-    kd_finetune_, score_on_test  # noqa: F401 (finetune_seed, kd_finetune_ re-exported)
+    kd_finetune_, recovery_kd, score_on_test  # noqa: F401 (finetune_seed, kd_finetune_ re-exported)
 from torchslim.search.front import Point, pareto_front, plot_front, write_json
 from torchslim.search.precision import int8_config, layer_precision, measure_int8, prefer_fp32_twin, \
     resolve_precision
@@ -200,7 +200,8 @@ def search(
         finetune: the chosen plan's KD fine-tune (a :class:`torchslim.TrainConfig`; None or 0
             epochs: the point as measured, BatchNorm re-estimated).
         test: test split: the chosen model is scored on it once.
-        kd: the fine-tune's :class:`torchslim.DistillConfig` (default ``DistillConfig()``).
+        kd: the fine-tunes' :class:`torchslim.DistillConfig` (default
+            :func:`~torchslim.search.finalists.recovery_kd`: Hinton KD at T = 2, alpha = 0.5).
         out: a folder for ``pareto.json``, ``pareto.png``, ``model.slim``, ``model.onnx`` (the
             int8 file when an int8 point is chosen, the float export then ``model.fp32.onnx``),
             ``dense.slim``, ``recipe.yaml``, the stage-one cache ``search_cache.json`` (the
@@ -261,6 +262,7 @@ def search(
     folder = Path(out) if out is not None else None
     if finalists < 0:
         raise ConfigError(f"finalists must be >= 0 (0: the proxy accuracy decides alone), got {finalists}")
+    kd = kd if kd is not None else recovery_kd()  # resolved here so the emitted recipe names it
     run = _prepare(model, train, val, budget, space, kd, seed, uniform, trial_finetune, trial_samples, trials, study)
     m, groups = run.m, run.groups
     dense, tables, points = _stage_one(run, folder, say)

@@ -245,10 +245,10 @@ def settings_key(model: Any, train: Any, val: Any, budget: Any, space: Any, kd: 
     for split in (train, val):
         add("x", split.x)
         add("y", split.y)
-    if kd is None:  # the defaults the fine-tunes will use: a changed default must not reuse old trials
-        from torchslim.distill import DistillConfig
+    if kd is None:  # the objective the fine-tunes will use: a changed default must not reuse old trials
+        from torchslim.search.finalists import recovery_kd
 
-        kd = DistillConfig()
+        kd = recovery_kd()
     settings = {"budget": budget.to_dict(), "space": space.to_dict(), "kd": kd.to_dict(),
                 "seed": seed, "uniform": uniform, "trial": trial.to_dict() if trial is not None else None,
                 "trial_samples": trial_samples}
