@@ -47,8 +47,8 @@ def recovery_kd() -> Any:
     Not the library's default (T = 1, chosen for small students trained from scratch, see
     :class:`torchslim.KDConfig`): a cut model recovering from its own dense original did better at
     T = 2. After the 3-epoch fine-tune, validation points lost against the dense model at T = 1 / T = 2:
-    0.82 / 0.48 (fmnist_teacher, a plan at 0.31 of the MACs) and 0.40 / 0.08 (fmnist_student, 0.53
-    of the MACs), one seed each, on the benchmark's own models (``benchmarks/README.md``,
+    0.82 / 0.48 and 0.64 / 0.34 (fmnist_teacher, plans at 0.31 and 0.40 of the MACs) and 0.40 / 0.08
+    (fmnist_student, 0.53 of the MACs), one seed each, on the benchmark's own models (``benchmarks/README.md``,
     ``auto_compression.py``). The search writes the objective into the recipe it emits, so the
     recipe replays it whatever the defaults become.
     """
