@@ -358,16 +358,17 @@ def _counts(study: Any, optuna: Any) -> tuple[int, int]:
 def _surplus(study: Any, optuna: Any, number: int, n: int) -> bool:
     """Whether the trial just started is one more than the study needs.
 
-    Trials are ranked by the time they went RUNNING: a worker checks after its own trial started,
-    so of two that start together the later one sees the earlier, never the other way round.
+    Trials are ranked by number: the storage numbers them in the order their creation reached
+    it, and a worker checks after its own trial exists, so of two that start together the later
+    one sees the earlier, never the other way round. (Not by ``datetime_start``: each process
+    stamps it before its write reaches the storage, so two workers could each see the other as
+    later and both run; a CI run overshot 6 trials by one that way. A plan queued again after its
+    worker died keeps its older number and may still overshoot by one.)
     """
     s = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False, states=(s.COMPLETE, s.RUNNING))
-    mine = next(t for t in trials if t.number == number)
-    rank = (mine.datetime_start, number)
     done = sum(1 for t in trials if t.state == s.COMPLETE and _is_new(t))
-    ahead = sum(1 for t in trials
-                if t.state == s.RUNNING and t.number != number and (t.datetime_start, t.number) < rank)
+    ahead = sum(1 for t in trials if t.state == s.RUNNING and t.number < number)
     return done + ahead >= n
 
 
