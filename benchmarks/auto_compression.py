@@ -79,6 +79,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -86,7 +87,7 @@ import torchslim as ts
 import torchslim.search as search
 from torchslim.search import Budget, InfeasibleBudget, SearchSpace, choose
 from torchslim.search.api import finetune_seed, kd_finetune_
-from torchslim.search.finalists import best_within_bound
+from torchslim.search.finalists import best_within_bound, finish_point
 from torchslim.search.precision import finish_int8, int8_config
 from torchslim.search.sensitivity import accuracy
 
@@ -322,17 +323,12 @@ def main() -> None:
     try:
         p = choose(r.points, bound, r.dense)
         if p.source != "dense" and args.finalists:
-            # As search() decides under a bound: the most accurate feasible points get the full fine-tune.
-            def evaluate(q):
-                model = finetuned(m, q.plan, splits, ft, 0)
-                qm = finish_int8(model, q_cfg, splits.train, splits.val, None, args.threads, dense_acc)[0] \
-                    if q.precision == "int8" else None
-                acc = qm.evaluate(splits.val, threads=args.threads)["accuracy"] if qm else accuracy(
-                    model, splits.val.x, splits.val.y)
-                return model, {"val_accuracy": acc, "val_drop": 100 * (dense_acc - acc)}, qm
-
+            # As search() decides under a bound: the most accurate feasible points get the full fine-tune,
+            # made as search() makes it (finish_point needs the measurer, the dense accuracy and int8 settings).
+            run = SimpleNamespace(m=m, dense_acc=dense_acc, int8_cfg=q_cfg, budget=budget)
             feasible = [q for q in r.front if q.latency_ratio <= bound.latency]
-            win, tried = best_within_bound(feasible, evaluate, args.finalists, log)
+            win, tried = best_within_bound(feasible, lambda q: finish_point(run, q, splits.train, splits.val, ft,
+                                                                            None, 0), args.finalists, log)
             emit("finalists", budget="latency_0.25x", rows=[f.record() for f in tried])
             chosen["latency_0.25x"] = (win.point, win.model, win.quantized)
             val_drop["latency_0.25x"] = win.metrics["val_drop"]
