@@ -192,7 +192,10 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
     space = search.SearchSpace(keep=args.keep, round_to=args.round_to, max_candidates=args.max_candidates,
                                exclude=args.exclude,
                                precision=None if precision is None else _PRECISION[precision],
-                               int8_layers=getattr(args, "int8_layers", "all"))
+                               int8_layers=getattr(args, "int8_layers", "all"),
+                               # getattr: an auto.json from before the packed axes has none (the defaults then)
+                               sparsity=getattr(args, "sparsity", None), share_bits=getattr(args, "share_bits", None),
+                               packed_bases=getattr(args, "packed_bases", 2))
     if is_recipe(args.model):
         weights, recipe = recipe_model(Path(args.model), Path(args.out))
         model = load(weights, factory=args.factory).cpu().eval()

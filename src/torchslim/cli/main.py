@@ -218,6 +218,30 @@ def _keep_list(text: str) -> list[float]:
     return values
 
 
+def _fraction_list(text: str) -> list[float]:
+    if text.strip().lower() == "none":
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated sparsities in (0, 1), or none; got {text!r}")
+    return values
+
+
+def _bits_list(text: str) -> list[int]:
+    if text.strip().lower() == "none":
+        return []
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(1 <= v <= 12 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated bits in 1..12, or none; got {text!r}")
+    return values
+
+
 def _cmd_auto(args: argparse.Namespace) -> int:
     from torchslim.cli.auto import run_auto
 
@@ -303,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     goal = auto.add_mutually_exclusive_group()
     goal.add_argument("--max-drop", type=float, help="largest accuracy drop in points; latency minimised")
     goal.add_argument("--latency", type=_times, help="largest latency, as a fraction of the dense model's (0.25x)")
-    goal.add_argument("--size", type=_size, help="largest fp32 ONNX size (50KB, 1.5MB)")
+    goal.add_argument("--size", type=_size, help="largest file that ships (50KB, 1.5MB): the ONNX file (fp32 or "
+                      "int8) or, with sparsity / weight sharing, the packed .slim")
     goal.add_argument("--macs", type=_times, help="largest MACs, as a fraction of the dense model's (0.3x)")
     auto.add_argument("--batch", type=_batch_size, default=256, help="batch size latency is measured at (256)")
     auto.add_argument("--runtime", choices=["ort", "torch"], default="ort", help="where latency is measured")
@@ -320,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--int8-layers", choices=["all", "sweep"], default="all",
                       help="int8 points: every Conv/Linear int8 (all), or each layer of the dense model measured "
                       "first and kept float in every int8 point where int8 does not pay (sweep)")
+    auto.add_argument("--sparsity", type=_fraction_list, help="with --size: per-layer sparsities to choose from "
+                      "(default 0.5,0.75,0.9,0.95; 'none': off)")
+    auto.add_argument("--share-bits", type=_bits_list, help="with --size: per-layer weight-sharing bits to choose "
+                      "from (default 8,5,4,3 when --sparsity is not given either; 'none': off)")
+    auto.add_argument("--packed-bases", type=int, default=2, help="with --size: channel plans the sparsity and bits "
+                      "are searched on (the dense model and the latency front's middle; default 2)")
     auto.add_argument("--latency-budget", type=float, default=0.5, help="seconds of timing per measurement")
     auto.add_argument("--finetune-epochs", type=int, default=1, help="KD fine-tune of the chosen plan (0: none)")
     auto.add_argument("--finalists", type=int, default=3, help="front points given that fine-tune before the choice "

@@ -19,11 +19,11 @@ installed) every plan measured in step 3, the dense model included, is also quan
 int8 and measured as that file (:mod:`~torchslim.search.precision`); those points join the front,
 and a chosen int8 plan is fine-tuned in float, then quantized as the recipe's ``quantize`` stage does.
 
-Extension points for the axes not searched yet (unstructured sparsity, weight-sharing
-bits): a new list of choices per group in :class:`~torchslim.search.SearchSpace`, a table per
-axis in :mod:`~torchslim.search.sensitivity`, the per-group choice in
-:func:`~torchslim.search.allocate.lagrangian_plans` taken over the product of the axes, and a
-stage per axis in :func:`recipe_document`.
+Sparsity and weight sharing: under a size bound (``Budget(size_bytes=...)``) each Conv/Linear layer
+also chooses an unstructured sparsity and weight-sharing bits, on the dense model and on channel
+plans of the front, from per-layer tables and a Lagrangian sweep over packed bytes; those points
+are measured as the packed ``.slim`` file (:mod:`~torchslim.search.packed`) and compete on size
+with the fp32 and int8 ONNX files.
 """
 
 from __future__ import annotations
@@ -38,16 +38,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
-import yaml
 
 from torchslim.errors import ConfigError, TorchSlimError
 from torchslim.search.allocate import lagrangian_plans, pick_spread
 from torchslim.search.budget import Budget, SearchSpace
 from torchslim.search.finalists import best_within_bound, bisect_drop, drop_candidates, finetune_seed, finish_point, \
     kd_finetune_, recovery_kd, score_on_test  # noqa: F401 (finetune_seed, kd_finetune_ re-exported)
-from torchslim.search.front import Point, pareto_front, plot_front, write_json
+from torchslim.search.front import Point, pareto_front, size_front, write_json
 from torchslim.search.precision import int8_config, layer_precision, measure_int8, prefer_fp32_twin, \
     resolve_precision
+from torchslim.search.output import chosen_recipe, plot_search, write_outputs
+from torchslim.search.packed import packed_points, resolve_axes
 from torchslim.search.recipe import FINETUNE_ID, PRUNE_ID, _model_ref, recipe_document  # noqa: F401 (re-exported)
 from torchslim.search.sensitivity import Measurer, Tables, accuracy, build_tables
 from torchslim.search.space import GroupChoice, channel_groups, dense_plan, plan_config, plan_key, uniform_plan
@@ -110,7 +111,8 @@ class SearchResult:
                          f"{p.latency_p90_ms:.2f} | {p.latency_ratio:.3f} | {p.macs:,} | {p.bytes:,} |")
         m = self.metrics
         test = f", test {100 * m['test_accuracy']:.2f}%" if m.get("test_accuracy") is not None else ""
-        kind = "int8 file in ONNX Runtime" if m.get("precision") == "int8" else "fp32"
+        kind = ("int8 file in ONNX Runtime" if m.get("precision") == "int8" else
+                f"packed .slim, {m['bytes']:,} bytes" if self.chosen.precision == "packed" else "fp32")
         lines.append(f"chosen plan after fine-tuning ({kind}): val {100 * m['val_accuracy']:.2f}% "
                      f"({m['val_drop']:+.2f} points vs dense){test}; latency {self.chosen.latency_ratio:.3f}x dense")
         if m.get("finalists"):
@@ -274,7 +276,9 @@ def search(
     drop_err = [abs(p.predicted_drop - p.drop) for p in swept]
     error = {"latency_mean_abs": sum(lat_err) / max(len(lat_err), 1), "latency_max_abs": max(lat_err, default=0.0),
              "drop_mean_abs": sum(drop_err) / max(len(drop_err), 1), "points": len(swept)}
-    front = pareto_front(points)
+    # The front is accuracy against latency; packed points are never faster than their channel
+    # plan (dense kernels), so they serve a size bound only (chosen among every point, below).
+    front = pareto_front([p for p in points if p.precision != "packed"])
     trial = run.trial
     payload: dict[str, Any] = {"budget": budget.to_dict(), "space": space.to_dict(), "dense": dense.to_dict(),
                                "groups": [g.__dict__ for g in groups], "tables": tables.to_dict(),
@@ -283,6 +287,10 @@ def search(
                                "precision": list(run.precision),
                                "accuracy_measured": "after a trial KD fine-tune" if trial is not None else
                                "after the cut and BatchNorm re-estimation, no fine-tune"}
+    if run.packed_tables:
+        payload["packed_tables"] = [t.to_dict() for t in run.packed_tables]
+    if budget.size_bytes is not None:  # accuracy against bytes, every point (int8 and packed files included)
+        payload["size_front"] = [p.to_dict() for p in size_front(points)]
     # The front is accuracy against latency: the smallest files (int8 ones that are not faster)
     # need not be on it, so a size bound chooses among every measured point.
     pool = points if budget.size_bytes is not None else front
@@ -303,7 +311,7 @@ def search(
                                           infeasible.front, infeasible.nearest)
         if folder is not None:
             write_json(folder / "pareto.json", {**payload, "chosen": None, "infeasible": str(infeasible)})
-            plot_front(folder / "pareto.png", points, front, None, budget.describe(), _ylabel(payload))
+            plot_search(folder / "pareto.png", points, front, None, budget, payload)
         raise infeasible
     if winner is not None:
         chosen, best_model, metrics, quantized = winner.point, winner.model, winner.metrics, winner.quantized
@@ -318,13 +326,12 @@ def search(
     recipe = None
     files: dict[str, str] = {}
     if folder is not None:
-        files = _write(folder, m, model, best_model, chosen, points, front, payload, metrics, budget, space,
-                       finetune, kd, seed, recipe_data, recipe_model, groups, quantized)
+        files = write_outputs(folder, m, model, best_model, chosen, points, front, payload, metrics, budget, space,
+                              finetune, kd, seed, recipe_data, recipe_model, groups, quantized)
         recipe = files.pop("_recipe", None)  # type: ignore[assignment]
     elif recipe_data is not None:
-        recipe = recipe_document(recipe_model or _model_ref(model, "dense.slim"), recipe_data,
-                                 plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd,
-                                 quantize=quantized.config if quantized is not None else None, batch=budget.batch)
+        recipe = chosen_recipe(model, chosen, groups, space, budget, finetune, kd, seed, recipe_data, recipe_model,
+                               quantized)
     return SearchResult(front, points, chosen, best_model, dense, metrics, tables, error, groups,
                         recipe, time.time() - start, files, quantized)
 
@@ -377,6 +384,8 @@ class _Run:
     precision: tuple[str, ...] = ("fp32",)
     last_model: Any = None  # the model the last measure() built, for its int8 twin
     int8_cfg: Any = None  # how every int8 twin is made (set in stage one: the per-layer sweep's exclude)
+    packed_axes: tuple[list[float], list[int]] = ([], [])  # the sparsity and bits choices (both empty: off)
+    packed_tables: list[Any] = field(default_factory=list)
 
     def measure(self, plan: dict[str, int], source: str, tables: Tables | None, dense: Point | None) -> Point:
         """Build ``plan`` from the dense model (trial KD fine-tune, else BatchNorm re-estimation) and measure it."""
@@ -425,9 +434,10 @@ def _prepare(model: nn.Module, train: Any, val: Any, budget: Budget, space: Sear
     m = Measurer(copy.deepcopy(model).eval(), groups, space, budget, train.x)
     trial = trial_finetune if trial_finetune is not None and trial_finetune.epochs > 0 else None
     precision = resolve_precision(space, budget, trials)  # before anything is measured
+    packed_axes = resolve_axes(space, budget)
     key = settings_key(model, train, val, budget, space, kd, seed, uniform, trial, trial_samples)
     run = _Run(m, groups, val, budget, space, kd, seed, uniform, trial, _subset(train, trial_samples), key,
-               study or StudyConfig(), trials, precision=precision)
+               study or StudyConfig(), trials, precision=precision, packed_axes=packed_axes)
     run.dense_acc = accuracy(m.dense, val.x, val.y)
     return run
 
@@ -491,6 +501,8 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
             + f" | {time.time() - start:.0f}s, about {(time.time() - loop_start) / i * (len(todo) - i):.0f}s left")
         if p8 is not None:
             _say_int8(p8, say)
+    if any(run.packed_axes):
+        points += packed_points(run, dense, points, say)
     if folder is not None:
         save_stage_one(folder, run.key, dense, tables, points)
     return dense, tables, points
@@ -527,10 +539,6 @@ def _say_int8(p: Point, say: Callable[[str], None], label: str = "int8 of that p
     return p
 
 
-def _ylabel(payload: dict[str, Any]) -> str:
-    return f"validation accuracy, {payload['accuracy_measured']} (%)"
-
-
 def _subset(split: Any, n: int | None) -> Any:
     """The first ``n`` samples of a split (the whole split when ``n`` is None or larger)."""
     if n is None or n >= len(split.y):
@@ -552,39 +560,3 @@ def _finalists(run: _Run, pool: list[Point], points: list[Point], front: list[Po
     if proxy is None or proxy.source == "dense":
         return None, []  # nothing fits, or the dense model itself does
     return best_within_bound([p for p in pool if _feasible(p, budget, dense)], evaluate, k, say)
-
-
-def _write(folder: Path, m: Measurer, model: nn.Module, best: nn.Module, chosen: Point, points: list[Point],
-           front: list[Point], payload: dict[str, Any], metrics: dict[str, Any], budget: Budget, space: SearchSpace,
-           finetune: Any, kd: Any, seed: int, recipe_data: Any, recipe_model: Any,
-           groups: list[GroupChoice], quantized: Any = None) -> dict[str, Any]:
-    from torchslim.atomic import atomic_path
-    from torchslim.export import export_onnx, save
-
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "pareto.json", {**payload, "chosen": chosen.to_dict(), "final": metrics})
-    plot_front(folder / "pareto.png", points, front, chosen, budget.describe(), _ylabel(payload))
-    save(best, folder / "model.slim")
-    files: dict[str, Any] = {k: str(folder / f) for k, f in (("pareto_json", "pareto.json"),
-                             ("pareto_png", "pareto.png"), ("model", "model.slim"), ("onnx", "model.onnx"))}
-    if quantized is not None:  # model.onnx is the file the search chose: the int8 one
-        quantized.export_onnx(folder / "model.onnx")
-        quantized.export_onnx(folder / "model.fp32.onnx", precision="fp32")
-        files["fp32_onnx"] = str(folder / "model.fp32.onnx")
-    else:
-        export_onnx(best, m.example, folder / "model.onnx")
-    if recipe_data is not None:
-        save(model, folder / "dense.slim")
-        doc = recipe_document(recipe_model or _model_ref(model, "dense.slim"), recipe_data,
-                              plan_config(groups, chosen.plan, space), finetune, seed=seed, kd=kd,
-                              quantize=quantized.config if quantized is not None else None, batch=budget.batch)
-        plan = ", ".join(f"{label} {keep}" for label, keep in chosen.plan.items())
-        text = (f"# Found by torchslim auto ({budget.describe()}).\n# Plan, kept channels per group (named by the "
-                f"layer writing them): {plan}; precision {chosen.precision}.\n# Overrides name a layer found in that "
-                "group only.\n"
-                f"# Reproduce with: torchslim run {folder / 'recipe.yaml'}\n") + yaml.safe_dump(doc, sort_keys=False)
-        with atomic_path(folder / "recipe.yaml") as tmp:
-            Path(tmp).write_text(text, encoding="utf-8")
-        files["recipe"] = str(folder / "recipe.yaml")
-        files["_recipe"] = doc
-    return files

@@ -23,8 +23,9 @@ class Budget(Config):
             against the dense model on the validation split.
         latency: largest latency as a fraction of the dense model's, measured in ``runtime``
             at ``batch`` (0.25 = 4× faster).
-        size_bytes: largest serialized size of the compressed model (bytes of its ONNX file:
-            the fp32 file, or the int8 file for an int8 point).
+        size_bytes: largest serialized size of the compressed model: the bytes of the file that
+            ships, written and measured (the fp32 ONNX file, the int8 one for an int8 point, the
+            packed ``.slim`` file for a point of the sparsity / weight-sharing axes).
         macs: largest MACs as a fraction of the dense model's.
         batch: samples per timed run.
         runtime: ``"ort"`` (ONNX Runtime, CPU, the deployment runtime) or ``"torch"`` (eager).
@@ -76,10 +77,11 @@ class Budget(Config):
 class SearchSpace(Config):
     """What the search may change, per coupled channel group.
 
-    Two axes: per group, the fraction of its channels kept; and the precision of the
-    whole file (every measured channel plan also quantized to static int8 in ONNX
-    Runtime and measured as that file, see :mod:`~torchslim.search.precision`).
-    Unstructured sparsity and weight-sharing bits are further axes to add here.
+    Per group, the fraction of its channels kept; the precision of the whole file (every
+    measured channel plan also quantized to static int8 in ONNX Runtime and measured as that
+    file, see :mod:`~torchslim.search.precision`); and, for a size budget, per Conv/Linear
+    layer, unstructured sparsity and weight-sharing bits, measured as the packed ``.slim``
+    file (:mod:`~torchslim.search.packed`).
 
     Attributes:
         keep: fractions of each group's channels that may be kept (1.0 = untouched is
@@ -108,6 +110,16 @@ class SearchSpace(Config):
         int8_layers: ``"all"`` (every Conv/Linear of an int8 point int8) or ``"sweep"`` (the
             dense model's layers measured one by one first; those int8 does not pay for stay
             float in every int8 point, and in the recipe's ``quantize.method.exclude``).
+        sparsity: per-layer fractions of the weights that may be pruned (magnitude, layer by
+            layer; 0 is always a choice). None (default): ``[0.5, 0.75, 0.9, 0.95]`` under a
+            size budget, off otherwise; ``[]``: off. Only a size budget may use it: a dense
+            runtime is not faster for zeros.
+        share_bits: per-layer weight-sharing bits that may be chosen (k-means codebooks of
+            ``2 ** bits`` centroids; float is always a choice). None (default): ``[8, 5, 4, 3]``
+            under a size budget when ``sparsity`` is None too, off otherwise; ``[]``: off.
+        packed_bases: channel plans the two axes above are searched on: the dense model and
+            ``packed_bases - 1`` fp32 plans spread over the latency front. Each costs one
+            per-layer table (a layer's every choice scored on the sensitivity subset).
 
     Example:
         >>> from torchslim.search import SearchSpace
@@ -127,6 +139,9 @@ class SearchSpace(Config):
     precision: list[Literal["fp32", "int8"]] | None = None
     int8_calibration_samples: int = Field(512, ge=1, le=1_000_000)
     int8_layers: Literal["all", "sweep"] = "all"
+    sparsity: list[float] | None = None
+    share_bits: list[int] | None = None
+    packed_bases: int = Field(2, ge=1, le=64)
 
     @model_validator(mode="after")
     def _check_keep(self) -> "SearchSpace":
@@ -135,6 +150,12 @@ class SearchSpace(Config):
         for k in self.keep:
             if not 0.0 < k <= 1.0:
                 raise ValueError(f"keep fractions must be in (0, 1], got {k}")
+        for v in self.sparsity or []:
+            if not 0.0 < v < 1.0:
+                raise ValueError(f"sparsity choices must be in (0, 1) (0, unpruned, is always a choice), got {v}")
+        for b in self.share_bits or []:
+            if not 1 <= b <= 12:
+                raise ValueError(f"share_bits choices must be in 1..12 (float is always a choice), got {b}")
         if self.precision is not None and (not self.precision or len(set(self.precision)) != len(self.precision)):
             raise ValueError(f"precision must list 'fp32' and/or 'int8' once each (or be None: both when "
                              f"available), got {self.precision}")

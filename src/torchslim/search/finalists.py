@@ -58,10 +58,10 @@ def recovery_kd() -> Any:
 
 
 def kd_finetune_(model: nn.Module, teacher: nn.Module, train: Any, val: Any, config: Any, *, seed: int,
-                 kd: Any = None) -> list[dict[str, Any]]:
+                 kd: Any = None, stage: str = FINETUNE_ID) -> list[dict[str, Any]]:
     """KD fine-tune in place, as the pipeline's ``finetune`` stage with ``teacher`` does (same loss, cache, seed use).
 
-    ``kd`` None: :func:`recovery_kd`.
+    ``kd`` None: :func:`recovery_kd`. ``stage`` names the fine-tune in records and errors.
     """
     from torchslim.distill import DistillObjective, prepare_teacher_cache
     from torchslim.train import fit
@@ -71,7 +71,7 @@ def kd_finetune_(model: nn.Module, teacher: nn.Module, train: Any, val: Any, con
     cache = prepare_teacher_cache(teacher, train, kd, config)
     with DistillObjective(model, teacher, kd, example=train.x[:2], teacher_cache=cache,
                           label_smoothing=config.label_smoothing) as loss:
-        return fit(model, train, config, objective=loss, val=val, seed=seed, stage=FINETUNE_ID, progress=False)
+        return fit(model, train, config, objective=loss, val=val, seed=seed, stage=stage, progress=False)
 
 
 def finish_point(run: Any, chosen: Point, train: Any, val: Any, finetune: Any, kd: Any,
@@ -79,8 +79,13 @@ def finish_point(run: Any, chosen: Point, train: Any, val: Any, finetune: Any, k
     """A point as the recipe builds it (cut, KD fine-tune, int8 for an int8 point), scored on val.
 
     Returns the float model, its metrics (of the int8 file for an int8 point) and the
-    :class:`~torchslim.quant.QuantizedModel` (None for fp32).
+    :class:`~torchslim.quant.QuantizedModel` (None for fp32). A packed point is finished by
+    :func:`~torchslim.search.packed.finish_packed`.
     """
+    if chosen.precision == "packed":
+        from torchslim.search.packed import finish_packed
+
+        return (*finish_packed(run, chosen, train, val, finetune, kd, seed), None)
     m = run.m  # the search's measurer: dense model, builder, int8 settings
     if chosen.source == "dense":
         model = copy.deepcopy(m.dense)
@@ -203,10 +208,17 @@ def bisect_drop(candidates: list[Point], max_drop: float, evaluate: Evaluate, k:
 def best_within_bound(feasible: list[Point], evaluate: Evaluate, k: int,
                       say: Callable[[str], None]) -> tuple[Finalist | None, list[Finalist]]:
     """Under a latency / size / MACs bound: the ``k`` most accurate feasible cut points (by the
-    proxy) fine-tuned; the most accurate on validation wins (None when there is no cut point)."""
+    proxy) fine-tuned; the most accurate on validation wins (None when there is no cut point).
+
+    A finalist whose metrics say it no longer ``fits`` (a packed file that came out over the size
+    bound after the fine-tune) cannot win.
+    """
     cut = sorted((p for p in feasible if p.source != "dense"), key=lambda p: (-p.accuracy, p.latency_ratio))
     tried = [_probe(p, evaluate, say, i, min(k, len(cut))) for i, p in enumerate(cut[:k], 1)]
-    best = max(tried, key=lambda f: (f.metrics["val_accuracy"], -f.point.latency_ratio), default=None)
+    for f in tried:
+        f.feasible = f.metrics.get("fits", True)
+    best = max((f for f in tried if f.feasible), key=lambda f: (f.metrics["val_accuracy"], -f.point.latency_ratio),
+               default=None)
     return best, tried
 
 

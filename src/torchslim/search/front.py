@@ -59,6 +59,13 @@ def dominates(a: Point, b: Point) -> bool:
             and (a.accuracy > b.accuracy or a.latency_ratio < b.latency_ratio))
 
 
+def size_front(points: list[Point]) -> list[Point]:
+    """The points no other point beats on both accuracy and bytes, smallest first."""
+    front = [p for p in points if not any(q.accuracy >= p.accuracy and q.bytes <= p.bytes and
+                                          (q.accuracy > p.accuracy or q.bytes < p.bytes) for q in points)]
+    return sorted(front, key=lambda p: p.bytes)
+
+
 def pareto_front(points: list[Point]) -> list[Point]:
     """The non-dominated points, fastest first.
 
@@ -77,8 +84,9 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
 
 
 def plot_front(path: str | Path, points: list[Point], front: list[Point], chosen: Point | None,
-               title: str = "", ylabel: str = "validation accuracy before fine-tuning (%)") -> None:
-    """Accuracy against measured latency: every point, the front as a line, the chosen plan starred.
+               title: str = "", ylabel: str = "validation accuracy before fine-tuning (%)",
+               x: str = "latency") -> None:
+    """Accuracy against measured latency (or, ``x="bytes"``, file size): every point, the front, the choice starred.
 
     Uses a matplotlib ``Figure`` (never pyplot), so nothing global is touched.
     """
@@ -88,21 +96,27 @@ def plot_front(path: str | Path, points: list[Point], front: list[Point], chosen
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    where = (lambda p: p.latency_ratio) if x == "latency" else (lambda p: p.bytes)  # noqa: E731
     for source, marker, colour in (("sweep", "o", "tab:blue"), ("uniform", "s", "tab:orange"),
                                    ("trial", "^", "tab:green"), ("dense", "D", "black")):
-        for precision in ("fp32", "int8"):
+        for precision in ("fp32", "int8", "packed"):
             pts = [p for p in points if p.source == source and p.precision == precision]
             if pts:
-                # int8 points hollow, so the two precisions of one plan read apart.
-                style = {"color": colour} if precision == "fp32" else {"facecolors": "none", "edgecolors": colour}
-                ax.scatter([p.latency_ratio for p in pts], [100 * p.accuracy for p in pts], marker=marker,
-                           alpha=0.7, label=source if precision == "fp32" else f"{source} int8", **style)
-    ax.plot([p.latency_ratio for p in front], [100 * p.accuracy for p in front], "-", color="tab:blue",
-            label="Pareto front")
+                # int8 points hollow, packed ones crosses, so the precisions of one plan read apart.
+                style = {"facecolors": "none", "edgecolors": colour} if precision == "int8" else {"color": colour}
+                ax.scatter([where(p) for p in pts], [100 * p.accuracy for p in pts],
+                           marker="x" if precision == "packed" else marker, alpha=0.7,
+                           label=source if precision == "fp32" else f"{source} {precision}", **style)
+    line = sorted(front, key=where)
+    ax.plot([where(p) for p in line], [100 * p.accuracy for p in line], "-", color="tab:blue", label="Pareto front")
     if chosen is not None:
-        ax.scatter([chosen.latency_ratio], [100 * chosen.accuracy], marker="*", s=200, color="tab:red",
+        ax.scatter([where(chosen)], [100 * chosen.accuracy], marker="*", s=200, color="tab:red",
                    label="chosen", zorder=5)
-    ax.set_xlabel("latency / dense latency (measured end to end)")
+    if x == "latency":
+        ax.set_xlabel("latency / dense latency (measured end to end)")
+    else:
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes of the file that ships (ONNX, int8 ONNX or packed .slim; measured)")
     ax.set_ylabel(ylabel)
     ax.set_title(title or "measured front")
     ax.grid(alpha=0.3)

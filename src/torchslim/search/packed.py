@@ -1,0 +1,323 @@
+"""Per-layer unstructured sparsity and weight-sharing bits: the axes that shrink the packed ``.slim`` file.
+
+Neither axis makes a file faster in ONNX Runtime (its kernels are dense), so they serve a
+size bound (``Budget(size_bytes=...)``); the size counted for such a point is the packed
+``.slim`` file (:func:`torchslim.quant.pack.pack`: relative indices, codebooks, Huffman codes),
+the Deep-Compression artifact, written and measured, never estimated.
+
+1. *Bases.* The dense model and ``SearchSpace.packed_bases - 1`` fp32 channel plans of the
+   latency front at its inner quantiles (one: its middle): the channel cut and these axes compose.
+2. *Tables.* For each base, each Conv/Linear layer alone is compressed to each
+   (sparsity, bits) choice: its accuracy drop on the sensitivity subset (BatchNorm
+   re-estimated, no fine-tune) and its weight tensor's bytes in the packed file. A packed
+   file is its header plus one stream per tensor, so the bytes add up exactly; the drops are
+   taken to add up, as the channel tables' do.
+3. *Allocation.* A Lagrangian sweep over ``drop + λ · bytes`` gives one plan per trade-off
+   (a multiple-choice knapsack's lower hull); ``max_candidates`` plans spread over the
+   predicted bytes are built, packed, scored on the whole validation split and timed.
+4. *Uniform baseline.* The dense model with one (sparsity, bits) choice in every layer.
+
+A chosen packed point is finished as Deep Compression does it and as the emitted recipe
+replays it: channels cut, weights pruned per layer (magnitude), the full KD fine-tune with
+the masks held, k-means weight sharing, a shorter KD fine-tune of the centroids
+(:func:`share_finetune`), and the packed file.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch.nn as nn
+
+from torchslim.errors import ConfigError
+from torchslim.search.front import Point
+from torchslim.search.sensitivity import accuracy, recalibrate_bn_
+
+#: Recipe stage ids of the packed axes (the seeds of their fine-tunes derive from them).
+SPARSE_ID, SHARE_ID, PACK_ID = "sparse", "shared", "packed"
+#: What a size bound searches when the space names neither axis.
+DEFAULT_SPARSITY = [0.5, 0.75, 0.9, 0.95]
+DEFAULT_SHARE_BITS = [8, 5, 4, 3]
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: One layer's choice: (fraction of its weights pruned, weight-sharing bits or None for float).
+Code = tuple[float, "int | None"]
+
+
+def resolve_axes(space: Any, budget: Any) -> tuple[list[float], list[int]]:
+    """The sparsity and bits choices this search measures (both empty: the axes are off).
+
+    Raises:
+        ConfigError: an axis given under a budget it cannot serve (latency, MACs, accuracy drop).
+    """
+    sparsity, bits = space.sparsity, space.share_bits
+    if budget.size_bytes is None:
+        if sparsity or bits:
+            raise ConfigError("SearchSpace.sparsity and share_bits shrink the packed .slim file, not its latency "
+                              "in a dense runtime nor its MACs: use them with a size budget (Budget(size_bytes=...), "
+                              f"torchslim auto --size), or leave them unset (budget: {budget.describe()})")
+        return [], []
+    if sparsity is None and bits is None:
+        sparsity, bits = DEFAULT_SPARSITY, DEFAULT_SHARE_BITS
+    return sorted(set(sparsity or [])), sorted(set(bits or []), reverse=True)
+
+
+def code_choices(sparsity: list[float], bits: list[int]) -> list[Code]:
+    """Every (sparsity, bits) pair, the untouched layer ``(0.0, None)`` first."""
+    return [(s, b) for s in [0.0, *sparsity] for b in [None, *bits]]
+
+
+def code_label(code: Code) -> str:
+    """``"0.9/4b"``, ``"0/fp32"``: a choice as a JSON key and in messages."""
+    s, b = code
+    return f"{s:g}/{f'{b}b' if b is not None else 'fp32'}"
+
+
+def parse_code(label: str) -> Code:
+    s, b = label.split("/")
+    return float(s), (None if b == "fp32" else int(b[:-1]))
+
+
+def compressible_layers(model: nn.Module) -> list[str]:
+    """The Conv/Linear layers (with a weight that trains), in model order."""
+    return [n for n, m in model.named_modules() if isinstance(m, _LAYERS) and m.weight.requires_grad]
+
+
+def pruning_config(plan: dict[str, Code]) -> Any:
+    """The per-layer magnitude pruning of ``plan`` (None when it prunes nothing)."""
+    from torchslim.prune import UnstructuredPruning
+
+    overrides = {n: s for n, (s, _) in plan.items() if s > 0}
+    if not overrides:
+        return None
+    # Within one layer every magnitude criterion ranks the same: l1 names it plainly.
+    return UnstructuredPruning(criterion="l1", scope="layer", sparsity=0.0, overrides=overrides,
+                               include=list(overrides), min_kept=1)
+
+
+def sharing_config(plan: dict[str, Code]) -> Any:
+    """The per-layer weight sharing of ``plan`` (None when every layer stays float)."""
+    from torchslim.quant.sharing import WeightSharing
+
+    if all(b is None for _, b in plan.values()):
+        return None
+    return WeightSharing(overrides={n: b for n, (_, b) in plan.items()}, init="linear", iterations=50)
+
+
+def share_finetune(finetune: Any) -> Any:
+    """The centroids' fine-tune after sharing: a third of the weights' epochs (at least 1), same settings."""
+    return finetune.model_copy(update={"epochs": max(1, finetune.epochs // 3)})
+
+
+def compress_(model: nn.Module, plan: dict[str, Code], *, finalize: bool = True) -> nn.Module:
+    """Prune and share ``model``'s layers in place as ``plan`` says (shared layers baked unless told not to)."""
+    from torchslim.prune import prune_
+    from torchslim.quant.sharing import finalize_sharing_, share_weights_
+
+    p, s = pruning_config(plan), sharing_config(plan)
+    if p is not None:
+        prune_(model, p)
+    if s is not None:
+        share_weights_(model, s)
+        if finalize:
+            finalize_sharing_(model)
+    return model
+
+
+def packed_size(model: nn.Module, example: Any, folder: Path) -> tuple[int, dict[str, int]]:
+    """Bytes of ``model``'s packed file, written to ``folder`` and measured, and each tensor's share."""
+    from torchslim.quant.pack import pack
+
+    report = pack(model, folder / "candidate.packed.slim", input_shape=list(example.shape[1:]))
+    (folder / "candidate.packed.slim").unlink()
+    return report.file_bytes, {layer.name: layer.stored_bytes for layer in report.layers}
+
+
+@dataclass
+class PackedTables:
+    """One base's per-layer tables: ``drop[layer][code]`` (points, against the base) and ``bytes[layer][code]``.
+
+    ``base_drop`` is the base's own drop against the dense model (whole validation split).
+    """
+
+    base: str
+    plan: dict[str, int]
+    file_bytes: int
+    drop: dict[str, dict[str, float]]
+    bytes: dict[str, dict[str, int]]
+    base_drop: float = 0.0
+
+    def predict(self, codes: dict[str, Code]) -> tuple[float, int]:
+        """Predicted (drop in points against the dense model, packed bytes) of ``codes`` on this base."""
+        drop, size = self.base_drop, self.file_bytes
+        for layer, code in codes.items():
+            key = code_label(code)
+            drop += self.drop[layer][key]
+            size += self.bytes[layer][key] - self.bytes[layer][code_label((0.0, None))]
+        return drop, size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "plan": self.plan, "base_drop": self.base_drop, "file_bytes": self.file_bytes,
+                "drop": self.drop, "bytes": self.bytes}
+
+
+def build_packed_tables(base: nn.Module, label: str, plan: dict[str, int], choices: list[Code], run: Any,
+                        val_x: Any, val_y: Any, say: Callable[[str], None], base_drop: float = 0.0) -> PackedTables:
+    """Each layer of ``base`` compressed alone to each choice: drop on the subset and bytes in the packed file."""
+    m, space = run.m, run.space
+    base_acc = accuracy(base, val_x, val_y)
+    file_bytes, dense_rows = packed_size(base, m.example, m.folder)
+    drop: dict[str, dict[str, float]] = {}
+    size: dict[str, dict[str, int]] = {}
+    for layer in compressible_layers(base):
+        key = f"{layer}.weight"
+        drop[layer], size[layer] = {code_label((0.0, None)): 0.0}, {code_label((0.0, None)): dense_rows[key]}
+        for code in choices[1:]:
+            model = compress_(copy.deepcopy(base), {layer: code})
+            recalibrate_bn_(model, m.train_x, space.bn_batches, space.bn_batch_size)
+            drop[layer][code_label(code)] = 100.0 * (base_acc - accuracy(model, val_x, val_y))
+            size[layer][code_label(code)] = packed_size(model, m.example, m.folder)[1][key]
+        say(f"packed sensitivity ({label}) {layer}: " + ", ".join(
+            f"{k} {drop[layer][k]:+.2f} pts/{size[layer][k]:,} B" for k in list(drop[layer])[1:]))
+    return PackedTables(label, dict(plan), file_bytes, drop, size, base_drop)
+
+
+def allocate_codes(tables: PackedTables, choices: list[Code], n_lambdas: int) -> list[dict[str, Code]]:
+    """A Lagrangian sweep over ``drop + λ · bytes``: the distinct per-layer plans, largest first."""
+    labels = [code_label(c) for c in choices]
+    slopes = [(tables.drop[g][b] - tables.drop[g][a]) / (tables.bytes[g][a] - tables.bytes[g][b])
+              for g in tables.drop for a in labels for b in labels
+              if tables.bytes[g][a] > tables.bytes[g][b] and tables.drop[g][b] > tables.drop[g][a]]
+    grid = [0.0, *(np.geomspace(min(slopes) / 2, max(slopes) * 2, n_lambdas).tolist() if slopes else []), math.inf]
+    seen: dict[tuple, dict[str, Code]] = {}
+    for lam in grid:
+        plan = {}
+        for g in tables.drop:
+            if math.isinf(lam):
+                best = min(labels, key=lambda k: (tables.bytes[g][k], tables.drop[g][k]))
+            else:
+                best = min(labels, key=lambda k: (tables.drop[g][k] + lam * tables.bytes[g][k], tables.bytes[g][k]))
+            plan[g] = parse_code(best)
+        seen.setdefault(tuple(sorted(plan.items())), plan)
+    return sorted(seen.values(), key=lambda p: -tables.predict(p)[1])
+
+
+def _spread(items: list[Any], count: int) -> list[Any]:
+    """``count`` items evenly spread, both ends included."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i] for i in sorted({int(round(i)) for i in np.linspace(0, len(items) - 1, count)})]
+
+
+def _inner(items: list[Any], count: int) -> list[Any]:
+    """``count`` items at the inner quantiles (one: the middle), the ends left out when there are more."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i] for i in sorted({int(round((j + 1) * (len(items) - 1) / (count + 1))) for j in range(count)})]
+
+
+def measure_packed(run: Any, plan: dict[str, int], source: str, codes: dict[str, Code],
+                   tables: PackedTables | None) -> Point:
+    """``plan``'s channel cut, then ``codes``; packed, scored on the whole validation split and timed."""
+    m, space, budget = run.m, run.space, run.budget
+    model = _base_model(run, plan)
+    compress_(model, codes)
+    recalibrate_bn_(model, m.train_x, space.bn_batches, space.bn_batch_size)
+    acc = accuracy(model, run.val.x, run.val.y)
+    size, _ = packed_size(model, m.example, m.folder)
+    lat = m.latency(model)
+    predicted = tables.predict(codes) if tables is not None else (None, None)
+    extra = {"packed": {layer: code_label(c) for layer, c in codes.items()}, "base": tables.base if tables else
+             "dense", "predicted_bytes": predicted[1], "trial_finetune_epochs": 0}
+    return Point(dict(plan), source, acc, 100 * (run.dense_acc - acc), lat["p50_ms"], lat["p90_ms"], lat["ratio"],
+                 size, m.macs(model), predicted[0], None, budget.batch, budget.runtime, extra, precision="packed")
+
+
+def _base_model(run: Any, plan: dict[str, int], *, recalibrate: bool = True) -> nn.Module:
+    from torchslim.search.space import dense_plan
+
+    if plan == dense_plan(run.groups):
+        return copy.deepcopy(run.m.dense).eval()
+    return run.m.build(plan, recalibrate=recalibrate)
+
+
+def packed_points(run: Any, dense: Point, points: list[Point], say: Callable[[str], None]) -> list[Point]:
+    """The packed axes' points (sweep per base, and the uniform baseline on the dense model); tables on ``run``."""
+    from torchslim.search.front import pareto_front
+
+    sparsity, bits = run.packed_axes
+    choices = code_choices(sparsity, bits)
+    space = run.space
+    n = min(space.sensitivity_samples, len(run.val.y))
+    cut = [p for p in pareto_front([p for p in points if p.precision == "fp32"]) if p.source != "dense"]
+    # The front's middle, not its fastest end: there the cut has already cost the accuracy that
+    # sparsity and sharing could have kept.
+    bases = [dense, *_inner(cut, space.packed_bases - 1)] if space.packed_bases > 1 else [dense]
+    out: list[Point] = []
+    run.packed_tables = []
+    for base in bases:
+        label = "dense" if base is dense else f"{base.source} {base.latency_ratio:.3f}x"
+        tables = build_packed_tables(_base_model(run, base.plan), label, base.plan, choices, run,
+                                     run.val.x[:n], run.val.y[:n], say, base_drop=base.drop)
+        run.packed_tables.append(tables)
+        plans = _spread(allocate_codes(tables, choices, space.lambdas), space.max_candidates)
+        for j, codes in enumerate(plans, 1):
+            p = measure_packed(run, base.plan, "sweep", codes, tables)
+            out.append(p)
+            say(f"[packed {label} {j}/{len(plans)}] val {100 * p.accuracy:6.2f}% ({p.drop:+.2f} pts, predicted "
+                f"{p.predicted_drop:+.2f}) {p.bytes:,} bytes (predicted {p.extra['predicted_bytes']:,}) "
+                f"latency {p.latency_ratio:.3f}x")
+    if run.uniform:
+        layers = compressible_layers(run.m.dense)
+        for code in choices[1:]:
+            p = measure_packed(run, dense.plan, "uniform", {layer: code for layer in layers}, None)
+            out.append(p)
+            say(f"[packed uniform {code_label(code)}] val {100 * p.accuracy:6.2f}% ({p.drop:+.2f} pts) "
+                f"{p.bytes:,} bytes")
+    return out
+
+
+def finish_packed(run: Any, chosen: Point, train: Any, val: Any, finetune: Any, kd: Any,
+                  seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """A packed point as the recipe builds it: cut, prune, KD fine-tune, share, KD fine-tune the centroids.
+
+    Returns the model (shared layers baked, masks kept) and its validation metrics, with the
+    bytes of its packed file and whether they still meet the size bound (k-means on the
+    fine-tuned weights codes them a little differently from the proxy's).
+    """
+    from torchslim.prune import prune_
+    from torchslim.quant.sharing import finalize_sharing_, share_weights_
+    from torchslim.search.finalists import finetune_seed, kd_finetune_
+    from torchslim.search.recipe import FINETUNE_ID
+
+    codes = {layer: parse_code(c) for layer, c in chosen.extra["packed"].items()}
+    tuned = finetune is not None and finetune.epochs > 0
+    model = _base_model(run, chosen.plan, recalibrate=not tuned)
+    p, s = pruning_config(codes), sharing_config(codes)
+    if p is not None:
+        prune_(model, p)
+    if tuned:
+        kd_finetune_(model, run.m.dense, train, val, finetune, seed=finetune_seed(seed, FINETUNE_ID), kd=kd)
+    if s is not None:
+        share_weights_(model, s)
+        if tuned:
+            kd_finetune_(model, run.m.dense, train, val, share_finetune(finetune), seed=finetune_seed(seed, SHARE_ID),
+                         kd=kd, stage=SHARE_ID)
+        finalize_sharing_(model)
+    if not tuned:
+        recalibrate_bn_(model, run.m.train_x, run.space.bn_batches, run.space.bn_batch_size)
+    model.eval()
+    val_acc = accuracy(model, val.x, val.y)
+    with tempfile.TemporaryDirectory(prefix="torchslim-packed-") as tmp:
+        size, _ = packed_size(model, run.m.example, Path(tmp))
+    bound = run.budget.size_bytes
+    return model, {"val_accuracy": val_acc, "val_drop": 100 * (run.dense_acc - val_acc), "bytes": size,
+                   "fits": bound is None or size <= bound,
+                   "finetune_epochs": finetune.epochs if tuned else 0,
+                   "share_finetune_epochs": share_finetune(finetune).epochs if tuned and s is not None else 0}

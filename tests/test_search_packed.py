@@ -1,0 +1,152 @@
+"""The sparsity and weight-sharing axes of the search (torchslim.search.packed).
+
+The axes' pieces are checked on tiny models in milliseconds (choices, per-layer compression,
+the allocation, byte predictions against the packed file); one digits search under a size
+budget checks the whole path, and the slow tier replays its recipe with ``torchslim run``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import torchslim as ts
+import torchslim.search as search
+from torchslim.errors import ConfigError
+from torchslim.search import Budget, SearchSpace
+from torchslim.search.packed import (PackedTables, allocate_codes, code_choices, code_label, compress_,
+                                     compressible_layers, packed_size, parse_code, resolve_axes)
+from torchslim.search.sensitivity import accuracy
+from conftest import digits_teacher
+
+
+def test_the_axes_default_on_under_a_size_bound_only_and_are_refused_under_other_budgets():
+    assert resolve_axes(SearchSpace(), Budget(size_bytes=10_000)) == ([0.5, 0.75, 0.9, 0.95], [8, 5, 4, 3])
+    assert resolve_axes(SearchSpace(), Budget(max_drop=0.5)) == ([], [])
+    assert resolve_axes(SearchSpace(sparsity=[], share_bits=[]), Budget(size_bytes=1)) == ([], [])
+    # one axis given: the other is off, not its default
+    assert resolve_axes(SearchSpace(sparsity=[0.9, 0.5]), Budget(size_bytes=1)) == ([0.5, 0.9], [])
+    with pytest.raises(ConfigError, match="size budget"):
+        resolve_axes(SearchSpace(share_bits=[4]), Budget(latency=0.5))
+    with pytest.raises(ValueError, match="sparsity choices"):
+        SearchSpace(sparsity=[0.0])
+    with pytest.raises(ValueError, match="share_bits"):
+        SearchSpace(share_bits=[13])
+
+
+def test_choices_start_with_the_untouched_layer_and_labels_round_trip():
+    choices = code_choices([0.5], [4])
+    assert choices == [(0.0, None), (0.0, 4), (0.5, None), (0.5, 4)]
+    assert [code_label(c) for c in choices] == ["0/fp32", "0/4b", "0.5/fp32", "0.5/4b"]
+    assert all(parse_code(code_label(c)) == c for c in choices)
+
+
+def test_compress_prunes_and_shares_each_layer_as_told():
+    torch.manual_seed(0)
+    model = ts.models.create("lenet300_100", hidden1=16, hidden2=8)
+    first, second, last = compressible_layers(model)
+    compress_(model, {first: (0.75, 3), second: (0.5, None), last: (0.0, None)})
+    w1 = model.classifier[0].weight.detach()
+    assert (w1 == 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
+    assert len(torch.unique(w1[w1 != 0])) <= 8  # 3 bits: at most 8 centroids
+    w2 = model.classifier[2].weight.detach()
+    assert (w2 == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert len(torch.unique(w2[w2 != 0])) > 8  # float
+    assert bool((model.classifier[4].weight != 0).all())
+
+
+def test_packed_bytes_are_predicted_from_the_per_layer_streams(tmp_path):
+    torch.manual_seed(0)
+    model = ts.models.create("lenet300_100", hidden1=32, hidden2=16).eval()
+    example = torch.zeros(2, 1, 28, 28)
+    layers = compressible_layers(model)
+    base_bytes, base_rows = packed_size(model, example, tmp_path)
+    plan = {layers[0]: (0.9, 4), layers[1]: (0.5, 5), layers[2]: (0.0, None)}
+    rows = {}
+    for layer, code in plan.items():  # each layer alone, as the tables measure it
+        rows[layer] = packed_size(compress_(copy.deepcopy(model), {layer: code}), example, tmp_path)[1][f"{layer}.weight"]
+    key = {layer: f"{layer}.weight" for layer in layers}
+    tables = PackedTables("dense", {}, base_bytes, {g: {"0/fp32": 0.0, code_label(c): 0.0} for g, c in plan.items()},
+                          {g: {"0/fp32": base_rows[key[g]], code_label(c): rows[g]} for g, c in plan.items()})
+    predicted = tables.predict(plan)[1]
+    measured = packed_size(compress_(copy.deepcopy(model), plan), example, tmp_path)[0]
+    assert measured < base_bytes / 4
+    assert abs(predicted - measured) <= 0.02 * measured  # only the compressed header differs
+
+
+def test_the_allocation_runs_from_the_most_accurate_plan_to_the_smallest():
+    choices = code_choices([0.5], [4])
+    labels = [code_label(c) for c in choices]
+    # layer a is cheap to compress (little drop), layer b costly: a goes first
+    drop = {"a": dict(zip(labels, [0.0, 0.1, 0.2, 0.3])), "b": dict(zip(labels, [0.0, 2.0, 4.0, 8.0]))}
+    size = {"a": dict(zip(labels, [1000, 300, 600, 150])), "b": dict(zip(labels, [1000, 300, 600, 150]))}
+    tables = PackedTables("dense", {}, 2100, drop, size)
+    plans = allocate_codes(tables, choices, 16)
+    assert plans[0] == {"a": (0.0, None), "b": (0.0, None)}  # lambda 0: nothing costs accuracy
+    assert plans[-1] == {"a": (0.5, 4), "b": (0.5, 4)}  # lambda infinite: the smallest choice everywhere
+    sizes = [tables.predict(p)[1] for p in plans]
+    assert sizes == sorted(sizes, reverse=True) and len(plans) >= 3
+    assert any(p["a"] != (0.0, None) and p["b"] == (0.0, None) for p in plans)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return ts.data.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def searched(splits, tmp_path_factory):
+    model = digits_teacher(splits.train, epochs=6)
+    out = tmp_path_factory.mktemp("packed")
+    space = SearchSpace(keep=[1.0, 0.5], bn_batches=1, max_candidates=2, precision=["fp32"], exclude=["features.3"],
+                        sparsity=[0.5, 0.8], share_bits=[4], packed_bases=1)
+    lines: list[str] = []
+    r = search.search(model, splits.train, splits.val, Budget(size_bytes=8000, batch=16, latency_budget_s=0.01),
+                      space, finetune=ts.TrainConfig(epochs=1, lr=3e-3), test=splits.test, out=out,
+                      progress=lines.append, finalists=2, recipe_data={"dataset": "digits"})
+    return r, out, lines
+
+
+def test_a_size_bound_chooses_a_packed_file_within_it(searched, splits):
+    r, out, lines = searched
+    payload = json.loads((out / "pareto.json").read_text())
+    assert r.chosen.precision == "packed" and r.chosen.bytes <= 8000
+    assert r.metrics["bytes"] <= 8000 and r.metrics["fits"]
+    # the shipped file is the one counted, and it loads back as the returned model
+    assert (out / "model.packed.slim").stat().st_size == r.metrics["bytes"]
+    again = ts.load(out / "model.packed.slim").eval()
+    assert accuracy(again, splits.test.x, splits.test.y) == pytest.approx(r.metrics["test_accuracy"])
+    # every fp32 ONNX file of this model is larger than the bound: only the packed axes reach it
+    assert all(p.bytes > 8000 for p in r.points if p.precision == "fp32")
+    assert [t["base"] for t in payload["packed_tables"]][0] == "dense" and payload["size_front"]
+    assert any(p.source == "uniform" and p.precision == "packed" for p in r.points)
+    assert any(line.startswith("packed sensitivity (dense)") for line in lines)
+    assert "packed .slim" in r.summary()
+
+
+def test_the_emitted_recipe_prunes_fine_tunes_shares_and_packs(searched):
+    r, out, _ = searched
+    kinds = [s["kind"] for s in r.recipe["stages"]]
+    assert kinds[-4:] == ["share_weights", "pack", "evaluate", "export"] and "finetune" in kinds
+    shared = next(s for s in r.recipe["stages"] if s["kind"] == "share_weights")
+    assert shared["teacher"] == "dense" and shared["train"]["epochs"] == 1
+    assert set(shared["method"]["overrides"]) == set(r.chosen.extra["packed"])
+
+
+def test_a_packed_axis_under_a_latency_budget_is_refused_before_anything_is_measured(splits):
+    model = ts.models.create("fmnist_teacher", input_size=8, width=8, fc=32)
+    with pytest.raises(ConfigError, match="size budget"):
+        search.search(model, splits.train, splits.val, Budget(latency=0.5), SearchSpace(sparsity=[0.5]))
+
+
+@pytest.mark.slow
+def test_the_recipe_reproduces_the_packed_file(searched, splits, tmp_path):
+    r, out, _ = searched
+    run = ts.run_recipe(out / "recipe.yaml", out=tmp_path / "run", progress=False)
+    again = ts.load(run / "model.packed.slim").eval()
+    assert abs(100 * accuracy(again, splits.test.x, splits.test.y) - 100 * r.metrics["test_accuracy"]) <= 0.1
+    # the run's packed file holds the data's normalization too: a few header bytes more
+    assert abs((run / "model.packed.slim").stat().st_size - r.metrics["bytes"]) <= 200
