@@ -171,7 +171,11 @@ def build_packed_tables(base: nn.Module, label: str, plan: dict[str, int], choic
                         val_x: Any, val_y: Any, say: Callable[[str], None], base_drop: float = 0.0) -> PackedTables:
     """Each layer of ``base`` compressed alone to each choice: drop on the subset and bytes in the packed file."""
     m, space = run.m, run.space
-    base_acc = accuracy(base, val_x, val_y)
+    # Against the base with its BatchNorm re-estimated as every variant's is: a drop is then the
+    # layer's change alone, not the re-estimation's noise (0.4 points of 1,000 samples on fmnist_student).
+    reference = copy.deepcopy(base)
+    recalibrate_bn_(reference, m.train_x, space.bn_batches, space.bn_batch_size)
+    base_acc = accuracy(reference, val_x, val_y)
     file_bytes, dense_rows = packed_size(base, m.example, m.folder)
     drop: dict[str, dict[str, float]] = {}
     size: dict[str, dict[str, int]] = {}
