@@ -83,6 +83,8 @@ class SearchResult:
         files: the files written in ``out`` (``onnx`` is ``model.onnx``: the int8 file when the chosen
             point is int8, with the float export beside it as ``model.fp32.onnx``).
         quantized: the chosen model's :class:`~torchslim.quant.QuantizedModel` when it is int8, else None.
+        size_front: under a size bound, the points no other beats on both accuracy and bytes (smallest
+            first; fp32, int8 and packed files alike), shown by ``summary()``; empty otherwise.
     """
 
     front: list[Point]
@@ -98,12 +100,15 @@ class SearchResult:
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
     quantized: Any = None
+    size_front: list[Point] = field(default_factory=list)
 
     def summary(self) -> str:
         """A table of the front, the chosen point marked, and the chosen model's final figures."""
         lines = ["| | source | precision | val acc | drop | latency p50 (ms) | p90 | x dense | MACs | bytes |",
                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        shown = [self.dense, *[q for q in self.front if q is not self.dense]]
+        # Under a size bound the front that matters is accuracy against bytes (packed and int8 files included).
+        front = self.size_front or self.front
+        shown = [self.dense, *[q for q in front if q is not self.dense]]
         for p in shown + ([self.chosen] if self.chosen not in shown else []):
             mark = "*" if p is self.chosen else ""
             lines.append(f"| {mark} | {p.source} | {p.precision} | {100 * p.accuracy:.2f} | {p.drop:+.2f} | "
@@ -333,7 +338,8 @@ def search(
         recipe = chosen_recipe(model, chosen, groups, space, budget, finetune, kd, seed, recipe_data, recipe_model,
                                quantized)
     return SearchResult(front, points, chosen, best_model, dense, metrics, tables, error, groups,
-                        recipe, time.time() - start, files, quantized)
+                        recipe, time.time() - start, files, quantized,
+                        size_front(points) if budget.size_bytes is not None else [])
 
 
 def search_worker(model: nn.Module, train: Any, val: Any, budget: Budget, space: SearchSpace | None = None, *,
