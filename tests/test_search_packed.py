@@ -17,8 +17,8 @@ import torchslim as ts
 import torchslim.search as search
 from torchslim.errors import ConfigError
 from torchslim.search import Budget, SearchSpace
-from torchslim.search.packed import (PackedTables, allocate_codes, code_choices, code_label, compress_,
-                                     compressible_layers, packed_size, parse_code, resolve_axes)
+from torchslim.search.packed import (PackedTables, allocate_codes, bound_plans, code_choices, code_label, compress_,
+                                     compressible_layers, knapsack_codes, packed_size, parse_code, resolve_axes)
 from torchslim.search.sensitivity import accuracy
 from conftest import digits_teacher
 
@@ -150,3 +150,17 @@ def test_the_recipe_reproduces_the_packed_file(searched, splits, tmp_path):
     assert abs(100 * accuracy(again, splits.test.x, splits.test.y) - 100 * r.metrics["test_accuracy"]) <= 0.1
     # the run's packed file holds the data's normalization too: a few header bytes more
     assert abs((run / "model.packed.slim").stat().st_size - r.metrics["bytes"]) <= 200
+
+
+def test_the_knapsack_finds_the_plan_at_the_bound_that_the_sweep_skips():
+    choices = code_choices([0.5, 0.9], [])
+    labels = [code_label(c) for c in choices]  # 0/fp32, 0.5/fp32, 0.9/fp32
+    # 0.5 lies above the hull between 0 and 0.9 (8 points for half the bytes): the sweep jumps past it
+    tables = PackedTables("dense", {}, 1100, {"a": dict(zip(labels, [0.0, 8.0, 9.0]))},
+                          {"a": dict(zip(labels, [1000, 500, 100]))})
+    swept = allocate_codes(tables, choices, 32)
+    assert [p["a"] for p in swept] == [(0.0, None), (0.9, None)]
+    assert knapsack_codes(tables, choices, 650) == {"a": (0.5, None)}  # 100 fixed + 500 of weights
+    assert knapsack_codes(tables, choices, 1100) == {"a": (0.0, None)}
+    assert knapsack_codes(tables, choices, 150) is None  # even the smallest plan is 200 bytes
+    assert {p["a"] for p in bound_plans(tables, choices, 650)} == {(0.5, None), (0.9, None)}
