@@ -67,7 +67,7 @@ the K most accurate feasible points are fine-tuned and the best on validation wi
 ``--train-epochs`` on the same training split, saved to ``OUT/dense_trained.slim`` and reused by
 a later run with the same folder); the search treats it as the dense model.
 
-Not here yet (issue 13): the weight-sharing axis.
+The sparsity and weight-sharing axes serve a size bound: ``benchmarks/auto_size.py``.
 """
 
 from __future__ import annotations
