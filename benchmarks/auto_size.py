@@ -113,6 +113,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0, help="the recipe seed of every fine-tune")
     ap.add_argument("--bisect-steps", type=int, default=10)
+    ap.add_argument("--packed-bases", type=int, default=2, help="channel plans the packed axes are searched on")
+    ap.add_argument("--sensitivity-samples", type=int, help="validation samples of the per-layer tables "
+                    "(default 1000 quick, 2000 full)")
     ap.add_argument("--train-epochs", type=int, default=5, help="epochs of the student's training (fmnist_student)")
     ap.add_argument("--out", default=None, help="run folder (default runs/auto_size)")
     args = ap.parse_args()
@@ -122,8 +125,9 @@ def main() -> None:
     splits = ts.data.load_dataset("fashion-mnist", val_size=5000, seed=0, **limits)
     out = Path(args.out or Path(__file__).resolve().parent.parent / "runs" / "auto_size")
     dense = dense_model(args, splits, out) if args.model != "lenet300_100" else trained_here(args, splits, out)
-    space = SearchSpace(round_to=4, sensitivity_samples=1000 if args.quick else 2000, precision=["fp32"],
-                        max_candidates=8 if args.quick else 12)
+    space = SearchSpace(round_to=4, precision=["fp32"], max_candidates=8 if args.quick else 12,
+                        sensitivity_samples=args.sensitivity_samples or (1000 if args.quick else 2000),
+                        packed_bases=args.packed_bases)
     probe = search.Measurer(dense, [], space, Budget(size_bytes=1), splits.train.x)
     bound = int(args.fraction * len(probe.dense_file()))
     budget = Budget(size_bytes=bound, batch=args.batch, threads=args.threads, latency_budget_s=0.4)
