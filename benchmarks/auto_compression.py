@@ -234,14 +234,14 @@ def tp_at_latency(m, teacher, target: float, precision: str, space, q_cfg, split
 
 
 def dense_model(args, splits, out: Path) -> torch.nn.Module:
-    """The shipped teacher, or a seeded fmnist_student trained on ``splits.train`` (cached in ``out``)."""
+    """The shipped teacher, or the seeded zoo model ``args.model`` trained on ``splits.train`` (cached in ``out``)."""
     if args.model == "fmnist_teacher":
         return ts.load(ROOT / "recipes" / "weights" / "fmnist_teacher.slim").eval()
     cached = out / "dense_trained.slim"
     if cached.is_file():
         return ts.load(cached).eval()
     torch.manual_seed(0)
-    model = ts.models.create("fmnist_student")
+    model = ts.models.create(args.model)
     ts.fit(model, splits.train, ts.TrainConfig(epochs=args.train_epochs), seed=0, progress=False)
     out.mkdir(parents=True, exist_ok=True)
     ts.save(model, cached)

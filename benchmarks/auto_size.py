@@ -88,19 +88,6 @@ def bisect_user_sparsity(dense, bound: int, splits, steps: int, example) -> tupl
     return hi, size
 
 
-def trained_here(args, splits, out: Path) -> torch.nn.Module:
-    """A seeded zoo model trained on ``splits.train`` (``dense_model``'s rule for fmnist_student), cached in ``out``."""
-    cached = out / "dense_trained.slim"
-    if cached.is_file():
-        return ts.load(cached).eval()
-    torch.manual_seed(0)
-    model = ts.models.create(args.model)
-    ts.fit(model, splits.train, ts.TrainConfig(epochs=args.train_epochs), seed=0, progress=False)
-    out.mkdir(parents=True, exist_ok=True)
-    ts.save(model, cached)
-    return model.eval()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["fmnist_teacher", "fmnist_student", "lenet300_100"], default="fmnist_student",
@@ -124,7 +111,7 @@ def main() -> None:
     limits = {"train_limit": 10000, "test_limit": 2000} if args.quick else {}
     splits = ts.data.load_dataset("fashion-mnist", val_size=5000, seed=0, **limits)
     out = Path(args.out or Path(__file__).resolve().parent.parent / "runs" / "auto_size")
-    dense = dense_model(args, splits, out) if args.model != "lenet300_100" else trained_here(args, splits, out)
+    dense = dense_model(args, splits, out)
     space = SearchSpace(round_to=4, precision=["fp32"], max_candidates=8 if args.quick else 12,
                         sensitivity_samples=args.sensitivity_samples or (1000 if args.quick else 2000),
                         packed_bases=args.packed_bases)

@@ -132,6 +132,11 @@ def test_cli_parses_budgets():
     args = build_parser().parse_args(["auto", "m.slim", "--data", "digits", "--latency", "0.25x", "--batch", "64"])
     assert args.latency == 0.25 and args.batch == 64 and args.max_drop is None
     assert build_parser().parse_args(["auto", "m.slim", "--data", "digits", "--size", "50KB"]).size == 50_000
+    packed = build_parser().parse_args(["auto", "m.slim", "--size", "5KB", "--sparsity", "0.5,0.9", "--share-bits", "none"])
+    assert packed.sparsity == [0.5, 0.9] and packed.share_bits == []
+    for flag, bad in (("--sparsity", "1.0"), ("--share-bits", "13"), ("--keep", "0")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["auto", "m.slim", "--size", "5KB", flag, bad])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["auto", "m.slim", "--data", "digits", "--max-drop", "0.5", "--latency", "0.25x"])
 

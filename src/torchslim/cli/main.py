@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from torchslim.errors import TorchSlimError, TrainingInterrupted
 
@@ -208,38 +209,29 @@ def _size(text: str) -> int:
     return value
 
 
-def _keep_list(text: str) -> list[float]:
+def _numbers(text: str, convert: Any, ok: Any, expected: str, *, off: bool = False) -> list:
+    """A comma-separated list of numbers that ``ok`` accepts (``none``: the empty list, when ``off``)."""
+    if off and text.strip().lower() == "none":
+        return []
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [convert(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or not all(0.0 < v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated kept fractions in (0, 1], got {text!r}")
+    if not values or not all(ok(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {expected}, got {text!r}")
     return values
+
+
+def _keep_list(text: str) -> list[float]:
+    return _numbers(text, float, lambda v: 0.0 < v <= 1.0, "kept fractions in (0, 1]")
 
 
 def _fraction_list(text: str) -> list[float]:
-    if text.strip().lower() == "none":
-        return []
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or not all(0.0 < v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated sparsities in (0, 1), or none; got {text!r}")
-    return values
+    return _numbers(text, float, lambda v: 0.0 < v < 1.0, "sparsities in (0, 1), or none", off=True)
 
 
 def _bits_list(text: str) -> list[int]:
-    if text.strip().lower() == "none":
-        return []
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or not all(1 <= v <= 12 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated bits in 1..12, or none; got {text!r}")
-    return values
+    return _numbers(text, int, lambda v: 1 <= v <= 12, "bits in 1..12, or none", off=True)
 
 
 def _cmd_auto(args: argparse.Namespace) -> int:
