@@ -223,8 +223,9 @@ def knapsack_codes(tables: PackedTables, choices: list[Code], bytes_bound: int,
     """The plan of least predicted drop whose predicted bytes are within ``bytes_bound`` (None: none is).
 
     The multiple-choice knapsack solved by dynamic programming over bytes rounded up to
-    ``resolution`` steps of the budget left for the layers' weights: exact where the Lagrangian
-    sweep only reaches the hull's corners (on fmnist_student it jumped from 36 KB to 12 KB,
+    ``resolution`` steps of the budget left for the layers' weights (so a plan it returns is
+    within the bound, and the best one up to that rounding), where the Lagrangian sweep only
+    reaches the hull's corners (on fmnist_student it jumped from 36 KB to 12 KB,
     past every plan near a 25 KB bound).
     """
     labels = [code_label(c) for c in choices]
