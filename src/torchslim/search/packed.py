@@ -280,10 +280,11 @@ def _inner(items: list[Any], count: int) -> list[Any]:
 
 
 def measure_packed(run: Any, plan: dict[str, int], source: str, codes: dict[str, Code],
-                   tables: PackedTables | None) -> Point:
-    """``plan``'s channel cut, then ``codes``; packed, scored on the whole validation split and timed."""
+                   tables: PackedTables | None, base: nn.Module | None = None) -> Point:
+    """``plan``'s channel cut (``base``, when already built), then ``codes``; packed, scored on the whole
+    validation split and timed."""
     m, space, budget = run.m, run.space, run.budget
-    model = _base_model(run, plan)
+    model = copy.deepcopy(base) if base is not None else _base_model(run, plan)
     compress_(model, codes)
     recalibrate_bn_(model, m.train_x, space.bn_batches, space.bn_batch_size)
     acc = accuracy(model, run.val.x, run.val.y)
@@ -320,8 +321,9 @@ def packed_points(run: Any, dense: Point, points: list[Point], say: Callable[[st
     run.packed_tables = []
     for base in bases:
         label = "dense" if base is dense else f"{base.source} {base.latency_ratio:.3f}x"
-        tables = build_packed_tables(_base_model(run, base.plan), label, base.plan, choices, run,
-                                     run.val.x[:n], run.val.y[:n], say, base_drop=base.drop)
+        built = _base_model(run, base.plan)  # once per base: every plan on it starts from a copy
+        tables = build_packed_tables(built, label, base.plan, choices, run, run.val.x[:n], run.val.y[:n], say,
+                                     base_drop=base.drop)
         run.packed_tables.append(tables)
         # Plans solved at the bound first, then the sweep's spread over the rest of the sizes.
         at_bound = bound_plans(tables, choices, run.budget.size_bytes)
@@ -329,7 +331,7 @@ def packed_points(run: Any, dense: Point, points: list[Point], say: Callable[[st
         swept = [p for p in allocate_codes(tables, choices, space.lambdas) if tuple(sorted(p.items())) not in keys]
         plans = at_bound + _spread(swept, max(space.max_candidates - len(at_bound), 2))
         for j, codes in enumerate(plans, 1):
-            p = measure_packed(run, base.plan, "sweep", codes, tables)
+            p = measure_packed(run, base.plan, "sweep", codes, tables, built)
             out.append(p)
             say(f"[packed {label} {j}/{len(plans)}] val {100 * p.accuracy:6.2f}% ({p.drop:+.2f} pts, predicted "
                 f"{p.predicted_drop:+.2f}) {p.bytes:,} bytes (predicted {p.extra['predicted_bytes']:,}) "
@@ -337,7 +339,7 @@ def packed_points(run: Any, dense: Point, points: list[Point], say: Callable[[st
     if run.uniform:
         layers = compressible_layers(run.m.dense)
         for code in choices[1:]:
-            p = measure_packed(run, dense.plan, "uniform", {layer: code for layer in layers}, None)
+            p = measure_packed(run, dense.plan, "uniform", {layer: code for layer in layers}, None, run.m.dense)
             out.append(p)
             say(f"[packed uniform {code_label(code)}] val {100 * p.accuracy:6.2f}% ({p.drop:+.2f} pts) "
                 f"{p.bytes:,} bytes")
