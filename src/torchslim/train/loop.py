@@ -263,7 +263,7 @@ def fit(
     """
     dist = dist or DistContext.from_env()
     if has_masks(model):
-        config = config.for_masked_model()  # a fine-tune after pruning: constant unless a schedule was given
+        config = config.for_masked_model()  # a fine-tune after pruning: 3x the rate, cosine, unless given
     objective = objective or CrossEntropyObjective(config.label_smoothing)
     pass_index = bool(getattr(objective, "uses_index", False))
     begin_step = getattr(objective, "begin_step", None)  # objectives that change along training (DKD warm-up)
