@@ -9,7 +9,7 @@ import torch.nn as nn
 import yaml
 
 from torchslim.search.front import Point, plot_front, size_front, write_json
-from torchslim.search.packed import parse_code, pruning_config, share_finetune, sharing_config
+from torchslim.search.packed import packed_finetune, parse_code, pruning_config, share_finetune, sharing_config
 from torchslim.search.recipe import _model_ref, recipe_document
 from torchslim.search.space import GroupChoice, dense_plan, plan_config
 
@@ -35,6 +35,8 @@ def chosen_recipe(model: nn.Module, chosen: Point, groups: list[GroupChoice], sp
     if chosen.precision == "packed":
         codes = {layer: parse_code(c) for layer, c in chosen.extra["packed"].items()}
         tuned = finetune is not None and finetune.epochs > 0
+        if tuned:
+            finetune = packed_finetune(finetune, codes)  # as finish_packed trained it
         packed = {"prune": pruning_config(codes), "share": sharing_config(codes),
                   "share_train": share_finetune(finetune) if tuned else None}
     # A packed point on the dense model has no channel stage: its layer names are the dense model's.
