@@ -216,7 +216,8 @@ def fit(
         model: the model to train (already on ``device``).
         train: training split (``x``, ``y`` tensors, kept in memory).
         config: optimizer, schedule, epochs and batch size (a model carrying pruning masks
-            trains at a constant rate when the schedule was not given: see :class:`TrainConfig`).
+            trains at 3x ``lr`` with ``cosine`` where those were not given: see
+            :meth:`TrainConfig.for_masked_model`).
         val: split evaluated after every epoch (optional).
         objective: computes logits and loss parts; default cross-entropy. One with
             ``uses_index = True`` also gets ``index=`` (the batch's rows in ``train``).
