@@ -34,9 +34,8 @@ def chosen_recipe(model: nn.Module, chosen: Point, groups: list[GroupChoice], sp
     packed = None
     if chosen.precision == "packed":
         codes = {layer: parse_code(c) for layer, c in chosen.extra["packed"].items()}
+        finetune = packed_finetune(finetune, codes)  # as finish_packed trained it
         tuned = finetune is not None and finetune.epochs > 0
-        if tuned:
-            finetune = packed_finetune(finetune, codes)  # as finish_packed trained it
         packed = {"prune": pruning_config(codes), "share": sharing_config(codes),
                   "share_train": share_finetune(finetune) if tuned else None}
     # A packed point on the dense model has no channel stage: its layer names are the dense model's.

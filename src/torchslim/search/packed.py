@@ -122,9 +122,9 @@ def packed_finetune(finetune: Any, plan: dict[str, Code]) -> Any:
     A plan that prunes fine-tunes a masked model, which ``fit`` trains at a higher rate with
     cosine when those fields are not given (:meth:`~torchslim.TrainConfig.for_masked_model`).
     The recipe writes every field of its configs, so the search resolves them first: the
-    recipe's replay then trains exactly as the search did.
+    recipe's replay then trains exactly as the search did. ``None`` (no fine-tune) stays ``None``.
     """
-    return finetune.for_masked_model() if pruning_config(plan) is not None else finetune
+    return finetune.for_masked_model() if finetune is not None and pruning_config(plan) is not None else finetune
 
 
 def compress_(model: nn.Module, plan: dict[str, Code], *, finalize: bool = True) -> nn.Module:
@@ -371,9 +371,8 @@ def finish_packed(run: Any, chosen: Point, train: Any, val: Any, finetune: Any, 
     from torchslim.search.recipe import FINETUNE_ID
 
     codes = {layer: parse_code(c) for layer, c in chosen.extra["packed"].items()}
+    finetune = packed_finetune(finetune, codes)
     tuned = finetune is not None and finetune.epochs > 0
-    if tuned:
-        finetune = packed_finetune(finetune, codes)
     model = _base_model(run, chosen.plan, recalibrate=not tuned)
     p, s = pruning_config(codes), sharing_config(codes)
     if p is not None:
