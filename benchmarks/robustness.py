@@ -23,8 +23,11 @@ Cells (every comparison at equal epochs, equal data, equal initial weights):
 Output: JSON lines on stdout (``config``, ``teacher``, ``dense``, one ``run`` per side and seed,
 one ``cell`` per comparison with mean +- standard error over seeds and the winner, ``summary``),
 then a plain-text summary table on stderr (``--table-stdout`` prints it on stdout after the JSON).
+``--workers N`` runs the (cell, model) jobs in N processes of ``--threads`` threads each; a job's
+figures do not depend on which process ran it.
 
     PYTHONPATH=src .venv/bin/python benchmarks/robustness.py --quick
+    PYTHONPATH=src .venv/bin/python benchmarks/robustness.py --workers 2     # the whole matrix on 2 cores
     PYTHONPATH=src .venv/bin/python benchmarks/robustness.py --cells kd --models fmnist_student,user_cnn --budgets 1,3
 """
 
@@ -191,7 +194,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kd-variants", default="",
                    help="extra torchslim KD sides, ';'-separated: 'kd:T:alpha' or 'dkd:T:nckd' (candidate defaults)")
     p.add_argument("--skip-peers", action="store_true", help="torchslim sides only (the peers do not change)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes running (cell, model) jobs at once (e.g. 2 on 2 cores with --threads 1)")
     p.add_argument("--teacher", default=TEACHER)
     p.add_argument("--table-stdout", action="store_true", help="print the summary table on stdout too")
     args = p.parse_args(argv)
@@ -202,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.dense_epochs = args.dense_epochs or 1
         if "--models" not in (argv or sys.argv[1:]):
             args.models = None  # one per cell kind, chosen in main
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
     args.cells = parse_list(args.cells)
     bad = set(args.cells) - set(CELLS)
     if bad:
@@ -386,12 +393,61 @@ def table(rows: list[dict], teacher_acc: float) -> str:
     return "\n".join(lines)
 
 
+# Rough single-thread cost of one job (cell, model), for handing the heaviest out first.
+_CELL_COST = {"kd": 4.0, "unstructured": 3.0, "channels": 1.0}
+_MODEL_COST = {"fmnist_student": 3.0, "user_cnn": 3.0, "lenet300_100": 1.0, "user_mlp": 1.0}
+
+
+#: Dense starts trained in this process, by (model, seed): the unstructured and channel jobs share them.
+_DENSE: dict[tuple[str, int], nn.Module] = {}
+
+
+def load_splits(args):
+    return load_dataset("fashion-mnist", val_size=args.val_size, train_limit=args.train_limit,
+                        test_limit=args.test_limit, seed=0)
+
+
+def run_job(args, cell: str, model: str, teacher_acc: float, splits=None) -> tuple[dict, list[dict]]:
+    """One (cell, model) of the matrix: its runs and comparison rows (JSON lines go to stdout as they come).
+
+    Self-contained so that ``--workers`` can run it in another process: it loads the data, the
+    teacher (kd) or trains the shared dense starts (pruning cells) itself. The dense start of a
+    model and seed is the same in every job (seeded, one thread), so two jobs that each train it
+    get the same weights.
+    """
+    torch.set_num_threads(args.threads)
+    rec = Recorder(splits if splits is not None else load_splits(args))
+    rows: list[dict] = []
+    if cell == "kd":
+        teacher = ts.load(args.teacher).float().eval()
+        cell_kd(args, rec, teacher, teacher_acc, [model], rows)
+    else:
+        for s in args.seeds:
+            if (model, s) not in _DENSE:
+                _DENSE[(model, s)] = train_dense(args, rec, model, s)
+        dense = {(model, s): _DENSE[(model, s)] for s in args.seeds}
+        (cell_unstructured if cell == "unstructured" else cell_channels)(args, rec, [model], dense, rows)
+    return rec.runs, rows
+
+
+def run_jobs(args, jobs: list[tuple[str, str]], teacher_acc: float, splits) -> list[dict]:
+    """Every job's rows in job order: in this process, or spread over ``args.workers`` processes."""
+    if args.workers <= 1:
+        return [row for cell, model in jobs for row in run_job(args, cell, model, teacher_acc, splits)[1]]
+    import concurrent.futures as cf
+    import multiprocessing
+
+    order = sorted(range(len(jobs)), key=lambda i: -_CELL_COST[jobs[i][0]] * _MODEL_COST.get(jobs[i][1], 1.0))
+    with cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {i: pool.submit(run_job, args, *jobs[i], teacher_acc) for i in order}
+        return [row for i in range(len(jobs)) for row in futures[i].result()[1]]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    splits = load_dataset("fashion-mnist", val_size=args.val_size, train_limit=args.train_limit,
-                          test_limit=args.test_limit, seed=0)
+    splits = load_splits(args)
     try:
         import torch_pruning  # noqa: F401
         have_tp = True
@@ -404,28 +460,21 @@ def main(argv: list[str] | None = None) -> int:
           "val_samples": len(splits.val.y), "test_samples": len(splits.test.y), "cells": args.cells,
           "models": per_cell, "budgets": args.budgets, "seeds": args.seeds, "sparsities": args.sparsities,
           "factors": args.factors, "dense_epochs": args.dense_epochs, "threads": args.threads,
-          "torchslim_train_config": train_config(args, 1).model_dump(), "schedule_override": args.schedule,
+          "workers": args.workers, "torchslim_train_config": train_config(args, 1).model_dump(),
+          "schedule_override": args.schedule,
           "kd_default": ts.KDConfig().model_dump(), "dkd_default": ts.DKDConfig().model_dump(),
           "torch": torch.__version__, "torchslim": ts.__version__, "python": platform.python_version(),
           "torch_pruning": have_tp, "quick": args.quick})
-    rows: list[dict] = []
-    rec = Recorder(splits)
     teacher_acc = float("nan")
     if "kd" in args.cells:
-        teacher = ts.load(args.teacher).float().eval()
-        teacher_acc = accuracy(teacher, splits.test)
+        teacher_acc = accuracy(ts.load(args.teacher).float().eval(), splits.test)
         emit({"event": "teacher", "path": os.path.relpath(args.teacher), "test_accuracy": teacher_acc})
-        cell_kd(args, rec, teacher, teacher_acc, per_cell["kd"], rows)
-    pruned_models = sorted({n for c in ("unstructured", "channels") if c in args.cells for n in per_cell[c]})
-    dense = {(n, s): train_dense(args, rec, n, s) for n in pruned_models for s in args.seeds}
-    if "unstructured" in args.cells:
-        cell_unstructured(args, rec, per_cell["unstructured"], dense, rows)
-    if "channels" in args.cells:
-        if have_tp or args.skip_peers:
-            cell_channels(args, rec, per_cell["channels"], dense, rows)
-        else:
-            emit({"event": "skip", "cell": "channels",
-                  "reason": "torch_pruning is not importable (pip install torch-pruning): channel cells skipped"})
+    if "channels" in args.cells and not (have_tp or args.skip_peers):
+        emit({"event": "skip", "cell": "channels",
+              "reason": "torch_pruning is not importable (pip install torch-pruning): channel cells skipped"})
+        args.cells = [c for c in args.cells if c != "channels"]
+    jobs = [(cell, model) for cell in args.cells for model in per_cell[cell]]
+    rows = run_jobs(args, jobs, teacher_acc, splits)
     text = table(rows, teacher_acc)
     emit({"event": "summary", "comparisons": len(rows), "torchslim_ahead": sum(r["winner"] == "torchslim" for r in rows),
           "within_se": sum(r["within_se"] for r in rows), "seconds": round(time.perf_counter() - started, 1)})
