@@ -134,10 +134,10 @@ def test_the_emitted_recipe_prunes_fine_tunes_shares_and_packs(searched):
     shared = next(s for s in r.recipe["stages"] if s["kind"] == "share_weights")
     assert shared["teacher"] == "dense" and shared["train"]["epochs"] == 1
     assert set(shared["method"]["overrides"]) == set(r.chosen.extra["packed"])
-    # The recipe writes every field, so it carries what fit picked as the search trained: cosine
+    # The recipe writes every field, so it carries what fit picked as the search trained: flat_cosine
     # for a pruned (masked) model, the 1-epoch budget rule's constant for one that is only shared.
     tuned = next(s for s in r.recipe["stages"] if s["kind"] == "finetune")
-    schedule = "cosine" if "prune" in kinds else "constant"
+    schedule = "flat_cosine" if "prune" in kinds else "constant"
     assert (tuned["train"]["lr"], tuned["train"]["schedule"], shared["train"]["schedule"]) == (3e-3, schedule, schedule)
 
 
@@ -147,7 +147,7 @@ def test_a_pruning_plan_fine_tunes_with_the_masked_model_rule_written_out():
 
     plain = ts.TrainConfig(epochs=2)
     sparse = packed_finetune(plain, {"fc": (0.9, None)})
-    assert (sparse.lr, sparse.schedule) == (plain.lr * MASKED_LR_FACTOR, "cosine")
+    assert (sparse.lr, sparse.schedule) == (plain.lr * MASKED_LR_FACTOR, "flat_cosine")
     assert {"lr", "schedule"} <= sparse.model_fields_set  # written into the recipe, kept by its replay
     assert packed_finetune(plain, {"fc": (0.0, 4)}) is plain  # sharing alone leaves no masks
 

@@ -120,7 +120,7 @@ def packed_finetune(finetune: Any, plan: dict[str, Code]) -> Any:
     """The fine-tune a packed plan gets, with what ``fit`` picks for a masked model written out.
 
     A plan that prunes fine-tunes a masked model, which ``fit`` trains at a higher rate with
-    cosine when those fields are not given (:meth:`~torchslim.TrainConfig.for_masked_model`).
+    ``flat_cosine`` when those fields are not given (:meth:`~torchslim.TrainConfig.for_masked_model`).
     The recipe writes every field of its configs, so the search resolves them first: the
     recipe's replay then trains exactly as the search did. ``None`` (no fine-tune) stays ``None``.
     """

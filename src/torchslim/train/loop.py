@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from torchslim.core.masks import has_masks
 from torchslim.errors import ConfigError, TrainingError, TrainingInterrupted
 from torchslim.train.checkpoint import load_checkpoint, model_signature, save_checkpoint
-from torchslim.train.config import TrainConfig
+from torchslim.train.config import FLAT_FRACTION, TrainConfig
 from torchslim.train.loggers import MetricLogger
 
 
@@ -103,11 +103,25 @@ def build_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+class _FlatCosine:
+    """``flat_cosine``'s factor per step: 1 for the first ``FLAT_FRACTION`` of ``total``, then cosine to 0."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.flat = int(total * FLAT_FRACTION)
+
+    def __call__(self, step: int) -> float:
+        done = min(1.0, (step - self.flat) / max(1, self.total - self.flat))
+        return 1.0 if step < self.flat else 0.5 * (1.0 + math.cos(math.pi * done))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-step learning-rate schedule over ``config.epochs`` epochs."""
     total = max(1, config.epochs * steps_per_epoch)
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if config.schedule == "flat_cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, _FlatCosine(total))
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
     if config.schedule == "step":
@@ -216,7 +230,7 @@ def fit(
         model: the model to train (already on ``device``).
         train: training split (``x``, ``y`` tensors, kept in memory).
         config: optimizer, schedule, epochs and batch size (a model carrying pruning masks
-            trains at 3x ``lr`` with ``cosine`` where those were not given: see
+            trains at 3x ``lr`` with ``flat_cosine`` where those were not given: see
             :meth:`TrainConfig.for_masked_model`).
         val: split evaluated after every epoch (optional).
         objective: computes logits and loss parts; default cross-entropy. One with
@@ -264,7 +278,7 @@ def fit(
     """
     dist = dist or DistContext.from_env()
     if has_masks(model):
-        config = config.for_masked_model()  # a fine-tune after pruning: 3x the rate, cosine, unless given
+        config = config.for_masked_model()  # a fine-tune after pruning: 3x the rate, flat_cosine, unless given
     objective = objective or CrossEntropyObjective(config.label_smoothing)
     pass_index = bool(getattr(objective, "uses_index", False))
     begin_step = getattr(objective, "begin_step", None)  # objectives that change along training (DKD warm-up)
