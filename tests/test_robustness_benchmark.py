@@ -21,13 +21,14 @@ def test_robustness_benchmark_quick():
         resolve_dataset_dir("fashion-mnist", download=False)
     except DataError:
         pytest.skip("Fashion-MNIST is not available offline")
-    # A subprocess: the script sets torch's thread pools, which a process can do only once.
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "robustness.py"), "--quick"],
+    # A subprocess: the script sets torch's thread pools, which a process can do only once. Two
+    # workers, so the jobs' way through other processes (how the full matrix runs) is exercised.
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "robustness.py"), "--quick", "--workers", "2"],
                             capture_output=True, text=True, timeout=540, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     config = next(e for e in events if e["event"] == "config")
-    assert config["dataset"] == "fashion-mnist" and config["train_samples"] == 1000
+    assert config["dataset"] == "fashion-mnist" and config["train_samples"] == 1000 and config["workers"] == 2
     cells = [e for e in events if e["event"] == "cell"]
     assert {(c["cell"], c["ours"], c["peer"]) for c in cells if c["cell"] == "kd"} == {
         ("kd", side, peer) for side in ("kd_default", "dkd_default") for peer in ("alone", "tutorial_kd")}
