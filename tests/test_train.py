@@ -56,6 +56,33 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_mlp, blobs,
     assert _same_weights(resumed, straight)
 
 
+def test_a_masked_fine_tune_resumes_on_its_flat_cosine_schedule(tiny_mlp, blobs, tmp_path):
+    # flat_cosine is a LambdaLR over a callable object: its state must come back with the checkpoint.
+    from torchslim.prune import UnstructuredPruning, prune_
+
+    prune_(tiny_mlp, UnstructuredPruning(sparsity=0.5))
+    config = TrainConfig(epochs=3, batch_size=16)
+    straight = copy.deepcopy(tiny_mlp)
+    rates = [r["lr"] for r in fit(straight, blobs, config, seed=1, progress=False)]
+    assert rates[0] == pytest.approx(config.lr * 3) and rates[-1] == pytest.approx(0.0, abs=1e-12)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_epoch_2(record):
+        if record["epoch"] == 2:
+            raise Crash
+
+    ckpt = tmp_path / "stage.pt"
+    with pytest.raises(Crash):
+        fit(copy.deepcopy(tiny_mlp), blobs, config, seed=1, checkpoint_path=ckpt, on_epoch_end=crash_after_epoch_2,
+            progress=False)
+    resumed = copy.deepcopy(tiny_mlp)
+    history = fit(resumed, blobs, config, seed=1, checkpoint_path=ckpt, progress=False)
+    assert [r["lr"] for r in history] == pytest.approx(rates)
+    assert _same_weights(resumed, straight)
+
+
 def test_nan_loss_stops_with_epoch_and_step(tiny_cnn, blobs):
     bad = copy.deepcopy(blobs)
     bad.x = bad.x.clone()
