@@ -127,6 +127,25 @@ def test_a_size_bound_chooses_a_packed_file_within_it(searched, splits):
     assert "packed .slim" in r.summary()
 
 
+def test_a_resumed_search_keeps_the_packed_tables_of_its_first_run(searched, splits):
+    # Stage one comes back from the run folder's cache; the packed tables must come with it.
+    r, out, _ = searched
+    first = json.loads((out / "pareto.json").read_text())["packed_tables"]
+    resumed_out = out.parent / "packed_resumed"
+    resumed_out.mkdir(exist_ok=True)
+    (resumed_out / "search_cache.json").write_text((out / "search_cache.json").read_text())
+    model = digits_teacher(splits.train, epochs=6)
+    space = SearchSpace(keep=[1.0, 0.5], bn_batches=1, max_candidates=2, precision=["fp32"], exclude=["features.3"],
+                        sparsity=[0.5, 0.8], share_bits=[4], packed_bases=1)
+    lines: list[str] = []
+    search.search(model, splits.train, splits.val, Budget(size_bytes=8000, batch=16, latency_budget_s=0.01), space,
+                  finetune=ts.TrainConfig(epochs=1, lr=3e-3), out=resumed_out, progress=lines.append, finalists=1,
+                  recipe_data={"dataset": "digits"})
+    assert any("reused from the run folder" in line for line in lines)
+    assert not any(line.startswith("packed sensitivity") for line in lines)  # not rebuilt
+    assert json.loads((resumed_out / "pareto.json").read_text())["packed_tables"] == first
+
+
 def test_the_emitted_recipe_prunes_fine_tunes_shares_and_packs(searched):
     r, out, _ = searched
     kinds = [s["kind"] for s in r.recipe["stages"]]

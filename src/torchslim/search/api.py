@@ -463,6 +463,11 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
         if d8:  # the int8 twins' settings, the per-layer sweep's choice included
             run.int8_cfg = int8_config(run.space).model_copy(
                 update={"exclude": tuple(d8[0].extra["int8"]["excluded"])})
+        if folder is not None:
+            from torchslim.search.packed import PackedTables
+            from torchslim.search.study import load_packed_tables
+
+            run.packed_tables = [PackedTables.from_dict(d) for d in load_packed_tables(folder, run.key)]
         say(f"stage one (tables, {len(points) - 1} measured points) reused from the run folder / study")
         return dense, tables, points
     m, groups, space, budget = run.m, run.groups, run.space, run.budget
@@ -510,7 +515,7 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
     if any(run.packed_axes):
         points += packed_points(run, dense, points, say)
     if folder is not None:
-        save_stage_one(folder, run.key, dense, tables, points)
+        save_stage_one(folder, run.key, dense, tables, points, [t.to_dict() for t in run.packed_tables])
     return dense, tables, points
 
 

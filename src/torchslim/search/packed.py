@@ -178,6 +178,11 @@ class PackedTables:
         return {"base": self.base, "plan": self.plan, "base_drop": self.base_drop, "file_bytes": self.file_bytes,
                 "drop": self.drop, "bytes": self.bytes}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PackedTables":
+        """The inverse of :meth:`to_dict` (a resumed search's tables from its run folder)."""
+        return cls(d["base"], d["plan"], d["file_bytes"], d["drop"], d["bytes"], d["base_drop"])
+
 
 def build_packed_tables(base: nn.Module, label: str, plan: dict[str, int], choices: list[Code], run: Any,
                         val_x: Any, val_y: Any, say: Callable[[str], None], base_drop: float = 0.0) -> PackedTables:

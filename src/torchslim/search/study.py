@@ -267,10 +267,25 @@ def decode_stage_one(d: dict[str, Any]) -> tuple[Point, Tables, list[Point]]:
     return Point(**d["dense"]), tables, [Point(**p) for p in d["points"]]
 
 
-def save_stage_one(folder: Path, key: str, dense: Point, tables: Tables, points: list[Point]) -> None:
-    """``folder/search_cache.json``: the expensive per-group tables and the sweep's measured points."""
+def save_stage_one(folder: Path, key: str, dense: Point, tables: Tables, points: list[Point],
+                   packed_tables: list[dict[str, Any]] | None = None) -> None:
+    """``folder/search_cache.json``: the expensive per-group tables and the sweep's measured points.
+
+    ``packed_tables`` (the packed axes' per-layer tables, as dicts) ride along, so a resumed
+    search writes them into ``pareto.json`` again without rebuilding them.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / CACHE_FILE, {"key": key, **encode_stage_one(dense, tables, points)})
+    write_json(folder / CACHE_FILE, {"key": key, **encode_stage_one(dense, tables, points),
+                                     "packed_tables": packed_tables or []})
+
+
+def load_packed_tables(folder: Path, key: str) -> list[dict[str, Any]]:
+    """The packed tables cached beside stage one with these settings (``[]`` if none)."""
+    path = folder / CACHE_FILE
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text(encoding="utf-8"))
+    return d.get("packed_tables", []) if d.get("key") == key else []
 
 
 def load_stage_one(folder: Path, key: str) -> tuple[Point, Tables, list[Point]] | None:
