@@ -19,6 +19,8 @@ from torchslim.errors import ConfigError
 from torchslim.search import Budget, SearchSpace
 from torchslim.search.packed import (PackedTables, allocate_codes, bound_plans, code_choices, code_label, compress_,
                                      compressible_layers, knapsack_codes, packed_size, parse_code, resolve_axes)
+from torchslim.quant.pack import packed_tensor_bytes
+from torchslim.quant.sharing import WeightSharing, share_weights_
 from torchslim.search.sensitivity import accuracy
 from conftest import digits_teacher
 
@@ -67,7 +69,13 @@ def test_packed_bytes_are_predicted_from_the_per_layer_streams(tmp_path):
     plan = {layers[0]: (0.9, 4), layers[1]: (0.5, 5), layers[2]: (0.0, None)}
     rows = {}
     for layer, code in plan.items():  # each layer alone, as the tables measure it
-        rows[layer] = packed_size(compress_(copy.deepcopy(model), {layer: code}), example, tmp_path)[1][f"{layer}.weight"]
+        alone = compress_(copy.deepcopy(model), {layer: code})
+        rows[layer] = packed_size(alone, example, tmp_path)[1][f"{layer}.weight"]
+        assert packed_tensor_bytes(alone, f"{layer}.weight") == rows[layer]  # the tables' shortcut, same bytes
+    shared = copy.deepcopy(model)
+    share_weights_(shared, WeightSharing(linear_bits=3))  # not finalized: both finalize a copy first
+    name = f"{layers[0]}.weight"
+    assert packed_tensor_bytes(shared, name) == packed_size(shared, example, tmp_path)[1][name]
     key = {layer: f"{layer}.weight" for layer in layers}
     tables = PackedTables("dense", {}, base_bytes, {g: {"0/fp32": 0.0, code_label(c): 0.0} for g, c in plan.items()},
                           {g: {"0/fp32": base_rows[key[g]], code_label(c): rows[g]} for g, c in plan.items()})

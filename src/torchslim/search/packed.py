@@ -187,6 +187,8 @@ class PackedTables:
 def build_packed_tables(base: nn.Module, label: str, plan: dict[str, int], choices: list[Code], run: Any,
                         val_x: Any, val_y: Any, say: Callable[[str], None], base_drop: float = 0.0) -> PackedTables:
     """Each layer of ``base`` compressed alone to each choice: drop on the subset and bytes in the packed file."""
+    from torchslim.quant.pack import packed_tensor_bytes
+
     m, space = run.m, run.space
     # Against the base with its BatchNorm re-estimated as every variant's is: a drop is then the
     # layer's change alone, not the re-estimation's noise (0.4 points of 1,000 samples on fmnist_student).
@@ -203,7 +205,7 @@ def build_packed_tables(base: nn.Module, label: str, plan: dict[str, int], choic
             model = compress_(copy.deepcopy(base), {layer: code})
             recalibrate_bn_(model, m.train_x, space.bn_batches, space.bn_batch_size)
             drop[layer][code_label(code)] = 100.0 * (base_acc - accuracy(model, val_x, val_y))
-            size[layer][code_label(code)] = packed_size(model, m.example, m.folder)[1][key]
+            size[layer][code_label(code)] = packed_tensor_bytes(model, key)
         say(f"packed sensitivity ({label}) {layer}: " + ", ".join(
             f"{k} {drop[layer][k]:+.2f} pts/{size[layer][k]:,} B" for k in list(drop[layer])[1:]))
     return PackedTables(label, dict(plan), file_bytes, drop, size, base_drop)
