@@ -184,7 +184,7 @@ def test_a_shared_model_not_yet_finalized_packs_as_finalized(tmp_path):
 
 
 def test_inputs_emptied_by_pruning_are_scanned_input_major(tmp_path):
-    from torchslim.quant.pack import read_packed
+    from torchslim.quant.unpack import read_packed
 
     torch.manual_seed(0)
     model = ts.models.create("lenet300_100", hidden1=32, hidden2=8)

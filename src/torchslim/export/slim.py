@@ -51,7 +51,7 @@ silently giving a different model. (It detects damage; it is not a signature.)
 A *packed* file (:func:`torchslim.quant.pack.pack`: Deep Compression's codebooks,
 codes and relative indices, entropy coded) starts with :data:`PACKED_MAGIC`
 instead; :func:`load` and :func:`read_metadata` hand it to
-:func:`torchslim.quant.pack.read_packed` (imported only then) and treat what it
+:func:`torchslim.quant.unpack.read_packed` (imported only then) and treat what it
 decodes as they treat a plain file's tensors.
 
 Loading a file never trusts its sizes: the architecture is first built on the

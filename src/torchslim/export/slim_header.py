@@ -224,7 +224,7 @@ def _packed_reader(path: str | os.PathLike) -> Callable[[Path], Any] | None:
                 return None
     except OSError:
         return None  # _open says what is wrong with a missing file or a directory
-    from torchslim.quant.pack import read_packed  # noqa: PLC0415
+    from torchslim.quant.unpack import read_packed  # noqa: PLC0415
 
     return read_packed
 

@@ -31,7 +31,8 @@ from torchslim.quant.precision import int8_layer_sweep
 from torchslim.quant.qat import QATConfig, QATModel, qat, qat_agreement
 
 # weight sharing and packing (Deep Compression): sharing.py, huffman.py, pack.py
-from torchslim.quant.pack import LayerPack, PackConfig, PackReport, pack, read_packed
+from torchslim.quant.pack import LayerPack, PackConfig, PackReport, pack
+from torchslim.quant.unpack import read_packed
 from torchslim.quant.sharing import (
     LayerCodebook,
     WeightSharing,

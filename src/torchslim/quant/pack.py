@@ -2,7 +2,7 @@
 
 :func:`pack` writes a model as small as the library can make it, and
 :func:`torchslim.export.load` reads it back like any ``.slim`` file (the first
-bytes tell the two forms apart), computing bit-exactly what the packed model
+bytes tell the two forms apart; the reader is :mod:`torchslim.quant.unpack`), computing bit-exactly what the packed model
 computed. Every tensor of the effective state dict is stored, each as two parts:
 
 * **positions** of the stored entries: ``all`` (a dense tensor), or, when it has
@@ -47,7 +47,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,20 +56,14 @@ from pydantic import Field
 
 from torchslim.atomic import atomic_write_bytes
 from torchslim.config import Config
-from torchslim.core.transforms import check_log, masked_names
-from torchslim.errors import ConfigError, ExportError, TorchSlimError
-from torchslim.export.slim import (PACKED_MAGIC, _check_spec, check_input_shape, check_normalization,
-                                   effective_state, header_fields)
+from torchslim.errors import ConfigError, ExportError
+from torchslim.export.slim import PACKED_MAGIC, effective_state, header_fields
 from torchslim.quant import huffman
 from torchslim.quant.sharing import CODEBOOKS_ATTR, finalize_sharing_, shared_layers
 
 FORMAT = "torchslim.slim.packed"
 VERSION = 1
 MAX_INDEX_BITS = 10
-_MAX_HEADER = 64 << 20  # a decompressed header larger than this is refused
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-           "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
-           "uint8": torch.uint8, "bool": torch.bool}
 
 
 class PackConfig(Config):
@@ -374,28 +368,25 @@ def _pack_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, bits_hin
     return entry, streams, report
 
 
-def _finalized(model: nn.Module) -> nn.Module:
-    """``model``, or a copy with its shared layers finalized (the form that is packed)."""
-    if not shared_layers(model):
-        return model
-    model = copy.deepcopy(model)
-    finalize_sharing_(model)
-    return model
+def _packable(model: nn.Module) -> tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``model`` as it is packed (shared layers finalized on a copy), its bit hints, tensors and masks."""
+    if shared_layers(model):
+        model = copy.deepcopy(model)
+        finalize_sharing_(model)
+    hints = {k: v.get("bits") for k, v in (getattr(model, CODEBOOKS_ATTR, None) or {}).items()}
+    return model, hints, *effective_state(model)
 
 
 def packed_tensor_bytes(model: nn.Module, name: str, config: PackConfig | None = None) -> int:
-    """The bytes tensor ``name`` of ``model`` takes in its packed file, without writing the file.
+    """The bytes tensor ``name`` of ``model`` takes in its packed file (:func:`pack`), without writing it.
 
-    The same encoding as :func:`pack` (a search's per-layer tables ask this once per layer and
-    choice; packing the whole model each time cost seconds per variant on fmnist_teacher).
+    A search's per-layer tables ask this once per layer and choice, where packing the whole
+    fmnist_teacher took up to 2 s a variant.
     """
-    config = config or PackConfig()
-    model = _finalized(model)
-    hints = {k: v.get("bits") for k, v in (getattr(model, CODEBOOKS_ATTR, None) or {}).items()}
-    state, masks = effective_state(model)
+    _, hints, state, masks = _packable(model)
     if name not in state:
         raise ConfigError(f"packed_tensor_bytes: the model has no tensor {name!r}")
-    return _pack_tensor(name, state[name], masks.get(name), hints.get(name), config)[2].stored_bytes
+    return _pack_tensor(name, state[name], masks.get(name), hints.get(name), config or PackConfig())[2].stored_bytes
 
 
 def pack(model: nn.Module, path: str | os.PathLike, config: PackConfig | None = None, *,
@@ -435,10 +426,8 @@ def pack(model: nn.Module, path: str | os.PathLike, config: PackConfig | None = 
         True
     """
     config = config or PackConfig()
-    model = _finalized(model)
+    model, hints, state, masks = _packable(model)
     spec, input_shape, normalization, log = header_fields(model, path, spec, input_shape, normalization, "pack")
-    hints = {k: v.get("bits") for k, v in (getattr(model, CODEBOOKS_ATTR, None) or {}).items()}
-    state, masks = effective_state(model)
     entries, payload, layers = {}, [], []
     for name, value in state.items():
         entries[name], streams, row = _pack_tensor(name, value, masks.get(name), hints.get(name), config)
@@ -457,154 +446,3 @@ def pack(model: nn.Module, path: str | os.PathLike, config: PackConfig | None = 
     data = body + hashlib.sha256(body).digest()
     atomic_write_bytes(path, data)
     return PackReport(Path(path), len(data), len(PACKED_MAGIC) + 4 + len(head) + 32, layers, config.codec)
-
-
-# ---------------------------------------------------------------------------
-# reading
-# ---------------------------------------------------------------------------
-
-
-def _fail(path: Path, why: str) -> ExportError:
-    return ExportError(f"{path}: not a readable packed .slim file: {why}")
-
-
-def read_packed(path: str | os.PathLike) -> tuple[dict[str, Any], Callable[[], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]]:
-    """Read and check a packed file's header; decoding the tensors waits for the returned function.
-
-    :func:`torchslim.export.load` calls this for a file that starts with
-    :data:`~torchslim.export.slim.PACKED_MAGIC`, compares the header's shapes with
-    the architecture (on the meta device), then decodes.
-
-    Returns:
-        ``(header, decode)``: the header as :func:`torchslim.export.read_metadata`
-        gives it (``spec``, ``input_shape``, ``normalization``, ``transforms``,
-        ``masked``, ``metadata``, ``tensors`` with each one's ``shape``), and
-        ``decode()`` returning ``(tensors, positions)``: every tensor by name, and the
-        boolean map of each one's stored positions.
-
-    Raises:
-        ExportError: the file is truncated, damaged (checksum) or malformed.
-    """
-    path = Path(path)
-    data = path.read_bytes()
-    if len(data) < len(PACKED_MAGIC) + 4 + 32 or not data.startswith(PACKED_MAGIC):
-        raise _fail(path, "too short or wrong magic")
-    body, digest = data[:-32], data[-32:]
-    if hashlib.sha256(body).digest() != digest:
-        raise _fail(path, "checksum mismatch, the file is corrupt")
-    (n,) = struct.unpack_from("<I", body, len(PACKED_MAGIC))
-    start = len(PACKED_MAGIC) + 4
-    if start + n > len(body):
-        raise _fail(path, f"header length {n} runs past the end of the file")
-    try:
-        d = zlib.decompressobj()
-        text = d.decompress(body[start:start + n], _MAX_HEADER)
-        if d.unconsumed_tail:
-            raise ValueError("header too large")
-        header = json.loads(text)
-    except (zlib.error, ValueError) as exc:
-        raise _fail(path, f"header is not compressed JSON: {exc}") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise _fail(path, f"header format is {header.get('format') if isinstance(header, dict) else header!r:.80}")
-    if header.get("version") != VERSION:
-        raise _fail(path, f"version {header.get('version')!r:.20} (this torchslim reads {VERSION})")
-    if not isinstance(header.get("tensors"), dict) or not isinstance(header.get("metadata"), dict) \
-            or header.get("codec") not in ("huffman", "lzma", "zstd"):
-        raise _fail(path, "header fields 'tensors', 'metadata' or 'codec' are missing or wrong")
-    try:
-        if header.get("spec") is not None:
-            _check_spec(header["spec"])
-        check_log(header.get("transforms"))
-        if header.get("input_shape") is not None:
-            check_input_shape(header["input_shape"])
-        if header.get("normalization") is not None:
-            check_normalization(header["normalization"], header.get("input_shape"))
-    except TorchSlimError as exc:
-        raise _fail(path, str(exc)) from None
-    header.setdefault("normalization", None)
-    header.setdefault("input_shape", None)
-    header["masked"] = masked_names(header["transforms"])
-    payload_start, budget = start + n, 8 * len(data) << MAX_INDEX_BITS
-    offset = payload_start
-    for name, e in header["tensors"].items():
-        ok = (isinstance(e, dict) and isinstance(e.get("shape"), list)
-              and all(type(s) is int and s >= 0 for s in e["shape"]) and e.get("dtype") in _DTYPES
-              and e.get("positions") in ("all", "gaps", "bitmask") and e.get("values") in ("raw", "codebook")
-              and isinstance(e.get("bytes"), list) and all(type(b) is int and b >= 0 for b in e["bytes"])
-              and type(e.get("kept")) is int)
-        if not ok or math.prod(e["shape"]) > budget or e["kept"] > math.prod(e["shape"]):
-            raise _fail(path, f"tensor {name!r} has a malformed or oversized header entry")
-        offset += sum(e["bytes"])
-    if offset != len(body):
-        raise _fail(path, f"streams take {offset - payload_start} bytes but the file holds {len(body) - payload_start}")
-    for name in header["masked"]:
-        if name not in header["tensors"]:
-            raise _fail(path, f"masked tensor {name!r} is not stored")
-
-    def decode() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        tensors, positions, at = {}, {}, payload_start
-        for name, e in header["tensors"].items():
-            chunks = []
-            for size in e["bytes"]:
-                chunks.append(body[at:at + size])
-                at += size
-            try:
-                tensors[name], positions[name] = _decode_tensor(e, chunks, header["codec"])
-            except (ValueError, IndexError, KeyError, RuntimeError) as exc:
-                raise _fail(path, f"tensor {name!r} does not decode: {exc}") from None
-        return tensors, positions
-
-    return header, decode
-
-
-def _decode_tensor(e: dict[str, Any], chunks: list[bytes], codec: str) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype, shape = _DTYPES[e["dtype"]], e["shape"]
-    numel, kept = math.prod(shape), e["kept"]
-    columns = e.get("order", "rows") == "columns"
-    if e.get("order", "rows") not in ("rows", "columns") or (columns and (len(shape) < 2 or e["positions"] == "all")):
-        raise ValueError(f"bad order {e.get('order')!r:.20}")
-    chunks = list(chunks)
-    if e["positions"] == "all":
-        if kept != numel:
-            raise ValueError("a dense tensor must store every position")
-        keep = torch.ones(numel, dtype=torch.bool)
-    elif e["positions"] == "bitmask":
-        nbytes = (numel + 7) // 8
-        symbols = _decode(chunks.pop(0), 256, nbytes, codec)
-        keep = torch.from_numpy(np.unpackbits(symbols.astype(np.uint8), count=numel).astype(bool))
-    else:
-        b, count = e.get("index_bits"), e.get("entries")
-        if type(b) is not int or not 1 <= b <= MAX_INDEX_BITS or type(count) is not int or count < 0:
-            raise ValueError("bad index_bits or entries")
-        where = gaps_decode(_decode(chunks.pop(0), 1 << b, count, codec), b)
-        if where.size != kept or (where.size and (where[-1] >= numel)):
-            raise ValueError("relative index does not fit the tensor")
-        keep = torch.zeros(numel, dtype=torch.bool)
-        keep[torch.from_numpy(where)] = True
-    if int(keep.sum()) != kept:
-        raise ValueError(f"positions mark {int(keep.sum())} entries, the header says {kept}")
-    size = torch.empty(0, dtype=dtype).element_size()
-    if e["values"] == "raw":
-        raw = chunks.pop(0)
-        if len(raw) != kept * size:
-            raise ValueError(f"raw values take {len(raw)} bytes, expected {kept * size}")
-        values = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-    else:
-        k = e.get("k")
-        if type(k) is not int or not 1 <= k <= 4096:
-            raise ValueError("bad codebook size")
-        book_raw = chunks.pop(0)
-        if len(book_raw) != k * size:
-            raise ValueError("codebook has the wrong size")
-        book = torch.frombuffer(bytearray(book_raw), dtype=dtype)
-        codes = torch.from_numpy(_decode(chunks.pop(0), k, kept, codec))
-        values = book[codes]
-    if chunks:
-        raise ValueError("unexpected extra streams")
-    out = torch.zeros(numel, dtype=dtype)
-    out[keep] = values
-    if columns:  # stored input-major: back to the tensor's own layout
-        stored = [shape[1], shape[0], *shape[2:]]
-        return (out.reshape(stored).transpose(0, 1).contiguous(),
-                keep.reshape(stored).transpose(0, 1).contiguous())
-    return out.reshape(shape), keep.reshape(shape)
