@@ -407,8 +407,8 @@ def load_splits(args):
                         test_limit=args.test_limit, seed=0)
 
 
-def run_job(args, cell: str, model: str, teacher_acc: float, splits=None) -> tuple[dict, list[dict]]:
-    """One (cell, model) of the matrix: its runs and comparison rows (JSON lines go to stdout as they come).
+def run_job(args, cell: str, model: str, teacher_acc: float, splits=None) -> list[dict]:
+    """One (cell, model) of the matrix: its comparison rows (JSON lines go to stdout as they come).
 
     Self-contained so that ``--workers`` can run it in another process: it loads the data, the
     teacher (kd) or trains the shared dense starts (pruning cells) itself. The dense start of a
@@ -427,20 +427,20 @@ def run_job(args, cell: str, model: str, teacher_acc: float, splits=None) -> tup
                 _DENSE[(model, s)] = train_dense(args, rec, model, s)
         dense = {(model, s): _DENSE[(model, s)] for s in args.seeds}
         (cell_unstructured if cell == "unstructured" else cell_channels)(args, rec, [model], dense, rows)
-    return rec.runs, rows
+    return rows
 
 
 def run_jobs(args, jobs: list[tuple[str, str]], teacher_acc: float, splits) -> list[dict]:
     """Every job's rows in job order: in this process, or spread over ``args.workers`` processes."""
     if args.workers <= 1:
-        return [row for cell, model in jobs for row in run_job(args, cell, model, teacher_acc, splits)[1]]
+        return [row for cell, model in jobs for row in run_job(args, cell, model, teacher_acc, splits)]
     import concurrent.futures as cf
     import multiprocessing
 
     order = sorted(range(len(jobs)), key=lambda i: -_CELL_COST[jobs[i][0]] * _MODEL_COST.get(jobs[i][1], 1.0))
     with cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {i: pool.submit(run_job, args, *jobs[i], teacher_acc) for i in order}
-        return [row for i in range(len(jobs)) for row in futures[i].result()[1]]
+        return [row for i in range(len(jobs)) for row in futures[i].result()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
 :func:`pack` writes a model as small as the library can make it, and
 :func:`torchslim.export.load` reads it back like any ``.slim`` file (the first
-bytes tell the two forms apart; the reader is :mod:`torchslim.quant.unpack`), computing bit-exactly what the packed model
-computed. Every tensor of the effective state dict is stored, each as two parts:
+bytes tell the two forms apart; the reader is :mod:`torchslim.quant.unpack`),
+computing bit-exactly what the packed model computed. Every tensor of the effective state dict is stored, each as two parts:
 
 * **positions** of the stored entries: ``all`` (a dense tensor), or, when it has
   zeros (or a mask), the smaller for that tensor of ``gaps`` (Deep Compression's

@@ -279,22 +279,25 @@ def save_stage_one(folder: Path, key: str, dense: Point, tables: Tables, points:
                                      "packed_tables": packed_tables or []})
 
 
-def load_packed_tables(folder: Path, key: str) -> list[dict[str, Any]]:
-    """The packed tables cached beside stage one with these settings (``[]`` if none)."""
-    path = folder / CACHE_FILE
-    if not path.is_file():
-        return []
-    d = json.loads(path.read_text(encoding="utf-8"))
-    return d.get("packed_tables", []) if d.get("key") == key else []
-
-
-def load_stage_one(folder: Path, key: str) -> tuple[Point, Tables, list[Point]] | None:
-    """The cached stage one, if ``folder`` has one made with these settings."""
+def _read_cache(folder: Path, key: str) -> dict[str, Any] | None:
+    """``folder/search_cache.json`` as a dict, if it exists and was made with these settings."""
     path = folder / CACHE_FILE
     if not path.is_file():
         return None
     d = json.loads(path.read_text(encoding="utf-8"))
-    return decode_stage_one(d) if d.get("key") == key else None
+    return d if d.get("key") == key else None
+
+
+def load_packed_tables(folder: Path, key: str) -> list[dict[str, Any]]:
+    """The packed tables cached beside stage one with these settings (``[]`` if none)."""
+    d = _read_cache(folder, key)
+    return d.get("packed_tables", []) if d is not None else []
+
+
+def load_stage_one(folder: Path, key: str) -> tuple[Point, Tables, list[Point]] | None:
+    """The cached stage one, if ``folder`` has one made with these settings."""
+    d = _read_cache(folder, key)
+    return decode_stage_one(d) if d is not None else None
 
 
 def peek_stage_one(cfg: StudyConfig, folder: Path | None, key: str) -> tuple[Point, Tables, list[Point]] | None:
