@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -215,8 +216,22 @@ def test_two_worker_processes_share_one_journal_study(model, splits, tmp_path):
     for w in workers:
         assert "waiting for the search" in w.stdout.readline()
     lines: list[str] = []
-    r = search.search(model, splits.train, splits.val, BUDGET, SPACE, out=out, trials=n, progress=lines.append,
-                      study=StudyConfig(poll_s=0.1), **TRIAL)
+
+    def hold_until_a_worker_ran(line: str) -> None:
+        # The search's first trial line waits for a worker's first trial: on a loaded machine the search
+        # could otherwise run all n trials before either worker has polled, and nothing would be shared.
+        lines.append(line)
+        if sum(x.startswith("[trial ") for x in lines) != 1:
+            return
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            text = (out / "trials.jsonl").read_text() if (out / "trials.jsonl").is_file() else ""
+            if any(f'"worker": "{st.worker_id()}"' not in rec for rec in text.splitlines()):
+                return
+            time.sleep(0.05)
+
+    r = search.search(model, splits.train, splits.val, BUDGET, SPACE, out=out, trials=n,
+                      progress=hold_until_a_worker_ran, study=StudyConfig(poll_s=0.1), **TRIAL)
     logs = [w.communicate(timeout=120)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], logs
     done = _own_complete(_study(out))
