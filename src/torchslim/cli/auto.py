@@ -77,7 +77,7 @@ def run_auto(args: argparse.Namespace) -> int:
 
 _PRECISION = {"fp32": ["fp32"], "int8": ["int8"], "both": ["fp32", "int8"]}
 _WORKER_KEYS = ("model", "train", "val", "budget", "space", "trials", "out", "study", "seed",
-                "trial_finetune", "trial_samples")
+                "trial_finetune", "trial_samples", "store")
 
 
 def _say(line: str) -> None:
@@ -93,7 +93,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(f"{folder} is not a torchslim auto run folder (no {SETTINGS}): give the folder "
                               "a search wrote (its --out)")
         saved = json.loads(path.read_text(encoding="utf-8"))
-        given = [k for k in ("model", "data", "max_drop", "latency", "size", "macs", "out") if getattr(args, k, None)]
+        given = [k for k in ("model", "data", "max_drop", "latency", "size", "macs", "out", "store")
+                 if getattr(args, k, None)]
         if given:
             names = ", ".join(k.upper() if k == "model" else "--" + k.replace("_", "-") for k in given)
             raise ConfigError(f"--resume continues the search with the settings in {path}; only --trials and "
@@ -218,6 +219,6 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
     return {"model": model, "train": splits.train, "val": splits.val, "budget": budget, "space": space,
             "finetune": finetune, "test": splits.test, "out": Path(args.out), "recipe_data": data,
             "seed": args.seed, "trials": args.trials, "study": study, "trial_finetune": trial_ft,
-            "trial_samples": args.trial_samples,
+            "trial_samples": args.trial_samples, "store": getattr(args, "store", None),  # getattr: an older auto.json
             # getattr: an auto.json written before finalists existed
             "finalists": getattr(args, "finalists", 3) if finetune is not None else 0}

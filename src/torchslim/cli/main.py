@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--workers", type=int, help="processes sharing the trials (default 1; K-1 are started)")
     auto.add_argument("--storage", metavar="URL", help="Optuna storage of the study (default: the journal file "
                       "RUN_DIR/study.journal; e.g. sqlite:///study.db, or a database for workers on other machines)")
+    auto.add_argument("--store", metavar="DIR", help="keep every trial and finalist fine-tune here, keyed by content: "
+                      "searches of one model given the same DIR share them whatever their budgets (default RUN_DIR/store)")
     auto.add_argument("--study-name", help="the study's name in the storage (default torchslim-auto)")
     auto.add_argument("--resume", metavar="RUN_DIR", help="continue the search in RUN_DIR (its settings, finished "
                       "trials and cached tables); --trials and --workers may be raised")

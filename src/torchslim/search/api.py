@@ -44,6 +44,7 @@ from torchslim.search.allocate import lagrangian_plans, pick_spread
 from torchslim.search.budget import Budget, SearchSpace
 from torchslim.search.finalists import best_within_bound, bisect_drop, drop_candidates, finetune_seed, finish_point, \
     kd_finetune_, recovery_kd, score_on_test  # noqa: F401 (finetune_seed, kd_finetune_ re-exported)
+from torchslim.search.finetunes import FinetuneStore, open_finetune_store
 from torchslim.search.front import Point, pareto_front, size_front, write_json
 from torchslim.search.precision import int8_config, layer_precision, measure_int8, prefer_fp32_twin, \
     resolve_precision
@@ -192,6 +193,7 @@ def search(
     trials: int = 0,
     finalists: int = 3,
     study: Any = None,
+    store: str | Path | None = None,
     on_study_ready: Callable[[], None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
@@ -239,6 +241,10 @@ def search(
             ``finalists`` most accurate feasible points, and the best after the fine-tune wins.
             0 (or no ``finetune``): the front's proxy accuracy decides alone.
         study: where the study lives and how it samples (:class:`~torchslim.search.StudyConfig`).
+        store: a folder that keeps every trial and finalist fine-tune, keyed by content
+            (:mod:`~torchslim.search.finetunes`): a resumed search loads the finished ones, and
+            searches of one model given the same ``store`` share them whatever their budgets
+            (default ``out/store``; without ``out``, nothing is kept).
         on_study_ready: called once the study exists and holds the stage-one points, before any
             trial runs (the CLI starts its extra worker processes there).
         progress: called with one line per evaluated candidate and per trial (e.g. ``print``).
@@ -271,6 +277,7 @@ def search(
         raise ConfigError(f"finalists must be >= 0 (0: the proxy accuracy decides alone), got {finalists}")
     kd = kd if kd is not None else recovery_kd()  # resolved here so the emitted recipe names it
     run = _prepare(model, train, val, budget, space, kd, seed, uniform, trial_finetune, trial_samples, trials, study)
+    run.finetunes = open_finetune_store(store, folder, run.m.dense, space)
     m, groups = run.m, run.groups
     dense, tables, points = _stage_one(run, folder, say)
     if trials > 0:
@@ -345,7 +352,8 @@ def search(
 def search_worker(model: nn.Module, train: Any, val: Any, budget: Budget, space: SearchSpace | None = None, *,
                   trials: int, out: str | Path | None = None, study: Any = None, kd: Any = None, seed: int = 0,
                   uniform: bool = True, trial_finetune: Any = None, trial_samples: int | None = None,
-                  progress: Callable[[str], None] | None = None, wait_s: float = 3600.0) -> int:
+                  store: str | Path | None = None, progress: Callable[[str], None] | None = None,
+                  wait_s: float = 3600.0) -> int:
     """Help a running :func:`search` with its Optuna trials: pull trials until the study has ``trials`` finished.
 
     Give the arguments the search was started with (the study refuses other settings). The
@@ -353,6 +361,8 @@ def search_worker(model: nn.Module, train: Any, val: Any, budget: Budget, space:
     the search to put them there), so it needs only the storage: the run folder's journal on
     this machine, or ``study.storage`` (a database URL) from any machine. It returns when no
     trial is left to start; the search itself picks, fine-tunes and writes the result.
+
+    ``store`` (default ``out/store``) is where the trial fine-tunes are kept: give the search's.
 
     Returns:
         How many trials this worker ran.
@@ -363,6 +373,7 @@ def search_worker(model: nn.Module, train: Any, val: Any, budget: Budget, space:
     if trials < 1:
         raise ConfigError(f"a search worker needs trials >= 1 (the study's total), got {trials}")
     run = _prepare(model, train, val, budget, space, kd, seed, uniform, trial_finetune, trial_samples, trials, study)
+    run.finetunes = open_finetune_store(store, folder, run.m.dense, space)
     from torchslim.search.study import wait_for_stage_one
 
     dense, tables, points = wait_for_stage_one(run.study_cfg, folder, run.key, wait_s, say)
@@ -392,6 +403,7 @@ class _Run:
     int8_cfg: Any = None  # how every int8 twin is made (set in stage one: the per-layer sweep's exclude)
     packed_axes: tuple[list[float], list[int]] = ([], [])  # the sparsity and bits choices (both empty: off)
     packed_tables: list[Any] = field(default_factory=list)
+    finetunes: FinetuneStore | None = None  # where trial and finalist fine-tunes are kept (None: nowhere)
 
     def measure(self, plan: dict[str, int], source: str, tables: Tables | None, dense: Point | None) -> Point:
         """Build ``plan`` from the dense model (trial KD fine-tune, else BatchNorm re-estimation) and measure it."""
@@ -399,10 +411,8 @@ class _Run:
         if source == "dense":
             built = m.dense
         elif trial is not None:
-            built = m.build(plan, recalibrate=False)
-            kd_finetune_(built, m.dense, self.trial_train, None, trial, seed=finetune_seed(self.seed, "trial"),
-                         kd=self.kd)
-            built.eval()
+            built = self.finetuned(plan, "trial", self.trial_train, None, trial, finetune_seed(self.seed, "trial"),
+                                   self.kd).eval()
         else:
             built = m.build(plan)
         self.last_model = built
@@ -413,6 +423,18 @@ class _Run:
                      1.0 if source == "dense" else lat["ratio"], lat["bytes"], m.macs(built), pred[0], pred[1],
                      self.budget.batch, self.budget.runtime,
                      {"trial_finetune_epochs": trial.epochs if trial is not None and source != "dense" else 0})
+
+    def finetuned(self, plan: dict[str, int], stage: str, train: Any, val: Any, config: Any, seed: int,
+                  kd: Any) -> nn.Module:
+        """``plan`` cut from the dense model and KD fine-tuned (loaded from the store when it holds it)."""
+        build = lambda: self.m.build(plan, recalibrate=False)  # noqa: E731
+        tune = lambda model, cache_dir: kd_finetune_(model, self.m.dense, train, val, config, seed=seed, kd=kd,  # noqa: E731
+                                                     stage=stage, cache_dir=cache_dir)
+        if self.finetunes is None:
+            model = build()
+            tune(model, None)
+            return model
+        return self.finetunes.get(stage, plan, train, val, config, kd, seed, build, tune)
 
     def measure_int8(self, twin: Point, model: nn.Module | None = None) -> Point:
         """``model`` (default: the last one measured) quantized to int8 and measured as that file

@@ -58,17 +58,18 @@ def recovery_kd() -> Any:
 
 
 def kd_finetune_(model: nn.Module, teacher: nn.Module, train: Any, val: Any, config: Any, *, seed: int,
-                 kd: Any = None, stage: str = FINETUNE_ID) -> list[dict[str, Any]]:
+                 kd: Any = None, stage: str = FINETUNE_ID, cache_dir: Any = None) -> list[dict[str, Any]]:
     """KD fine-tune in place, as the pipeline's ``finetune`` stage with ``teacher`` does (same loss, cache, seed use).
 
     ``kd`` None: :func:`recovery_kd`. ``stage`` names the fine-tune in records and errors.
+    ``cache_dir``: where the teacher's outputs are cached as files (None: in memory, this call only).
     """
     from torchslim.distill import DistillObjective, prepare_teacher_cache
     from torchslim.train import fit
 
     kd = kd if kd is not None else recovery_kd()
     teacher = copy.deepcopy(teacher).eval()
-    cache = prepare_teacher_cache(teacher, train, kd, config)
+    cache = prepare_teacher_cache(teacher, train, kd, config, cache_dir=cache_dir)
     with DistillObjective(model, teacher, kd, example=train.x[:2], teacher_cache=cache,
                           label_smoothing=config.label_smoothing) as loss:
         return fit(model, train, config, objective=loss, val=val, seed=seed, stage=stage, progress=False)
@@ -92,8 +93,7 @@ def finish_point(run: Any, chosen: Point, train: Any, val: Any, finetune: Any, k
     elif finetune is not None and finetune.epochs > 0:
         # No BatchNorm re-estimation here: the recipe's prune_channels stage has none, and the
         # fine-tune's training passes re-estimate the statistics anyway.
-        model = m.build(chosen.plan, recalibrate=False)
-        kd_finetune_(model, m.dense, train, val, finetune, seed=finetune_seed(seed), kd=kd)
+        model = run.finetuned(chosen.plan, FINETUNE_ID, train, val, finetune, finetune_seed(seed), kd)
     else:
         model = m.build(chosen.plan)
     model.eval()
