@@ -170,3 +170,21 @@ def test_trial_finetune_ranks_candidates_after_a_short_kd_finetune(model, splits
     cut = [p for p in r.points if p.source == "sweep"]
     assert [g.label for g in r.groups] == ["classifier.0"] and len(cut) == 1
     assert cut[0].extra["trial_finetune_epochs"] == 1 and r.dense.extra["trial_finetune_epochs"] == 0
+
+
+def test_a_macs_bound_chooses_among_plans_timed_slower_than_the_dense_model(model, splits, monkeypatch):
+    # Timing noise can put every cut plan of a tiny model above the dense one's latency, off the
+    # latency front; the MACs bound is exact, so the plans that meet it must still be chosen from.
+    real = search.Measurer.latency
+
+    def slower(self, built):
+        lat = real(self, built)
+        return lat if built is self.dense else {**lat, "ratio": 1.2 * max(lat["ratio"], 1.0)}
+
+    monkeypatch.setattr(search.Measurer, "latency", slower)
+    space = SearchSpace(keep=[1.0, 0.5], bn_batches=1, max_candidates=2, precision=["fp32"],
+                        exclude=["features.3", "features.10"])
+    r = search.search(model, splits.train, splits.val, Budget(macs=0.9, batch=16, latency_budget_s=0.01), space,
+                      uniform=False)
+    assert [p.source for p in r.front] == ["dense"]  # every cut plan was timed slower
+    assert r.chosen.source != "dense" and r.chosen.macs <= 0.9 * r.dense.macs

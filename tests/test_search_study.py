@@ -265,3 +265,21 @@ def test_cli_auto_trials_workers_and_resume(model, tmp_path, capsys):
     assert "reused" in printed and "sensitivity" not in printed
     assert sum(line.startswith("[trial ") for line in printed.splitlines()) == 1  # only the missing trial ran
     assert len(_own_complete(_study(out))) == 3 and len(_records(out)) == 3
+
+
+@pytest.mark.slow
+def test_each_trial_is_also_measured_as_int8(model, splits, tmp_path):
+    pytest.importorskip("onnxruntime.quantization")
+    space = SPACE.model_copy(update={"precision": ["fp32", "int8"], "int8_calibration_samples": 64})
+    r = search.search(model, splits.train, splits.val, BUDGET, space, out=tmp_path, trials=3, **TRIAL)
+    fp32 = {p.extra["trial"]: p for p in r.points if p.source == "trial" and p.precision == "fp32"}
+    int8 = {p.extra["trial"]: p for p in r.points if p.source == "trial" and p.precision == "int8"}
+    assert fp32 and int8.keys() == fp32.keys()  # every trial that measured a new plan has its int8 twin
+    for k, p in fp32.items():
+        assert int8[k].plan == p.plan and int8[k].extra["int8"]["fp32_twin_accuracy"] == p.accuracy
+        assert int8[k].bytes < p.bytes  # the int8 file, measured as such
+    records = [rec for rec in _records(tmp_path) if rec["duplicate_of"] is None]
+    assert sorted(rec["trial"] for rec in records) == sorted(fp32)
+    assert all(len(rec["twins"]) == 1 and rec["twins"][0]["precision"] == "int8" for rec in records)
+    saved = json.loads((tmp_path / "pareto.json").read_text())
+    assert sum(p["source"] == "trial" and p["precision"] == "int8" for p in saved["points"]) == len(int8)

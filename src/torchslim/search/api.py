@@ -303,9 +303,10 @@ def search(
         payload["packed_tables"] = [t.to_dict() for t in run.packed_tables]
     if budget.size_bytes is not None:  # accuracy against bytes, every point (int8 and packed files included)
         payload["size_front"] = [p.to_dict() for p in size_front(points)]
-    # The front is accuracy against latency: the smallest files (int8 ones that are not faster)
-    # need not be on it, so a size bound chooses among every measured point.
-    pool = points if budget.size_bytes is not None else front
+    # The front is accuracy against latency: the smallest files (int8 ones that are not faster), or a
+    # plan under a MACs bound timed slower than the dense model, need not be on it; those bounds choose
+    # among every measured point.
+    pool = points if budget.size_bytes is not None or budget.macs is not None else front
     try:
         proxy: Point | None = prefer_fp32_twin(choose(pool, budget, dense), points, budget)
         infeasible = None
@@ -547,7 +548,8 @@ def _refine(run: _Run, dense: Point, tables: Tables, points: list[Point], trials
     """Run the study's trials (this process's share): every finished trial's point, and how many ran here."""
     from torchslim.search import study as st
 
-    # Trials refine fp32 channel plans: an int8 point must be neither a seed nor a trial's twin.
+    # Trials sample fp32 channel plans: an int8 point is neither a seed nor a duplicate of a trial, but
+    # each trial's model is also measured as int8 (with that precision) and that point joins the front.
     points = [p for p in points if p.precision == "fp32"]
     front = pareto_front(points)
     space = st.Space.around(run.groups, front, run.study_cfg.radius)
@@ -559,8 +561,9 @@ def _refine(run: _Run, dense: Point, tables: Tables, points: list[Point], trials
     if on_ready is not None:
         on_ready()
     measure = lambda plan: run.measure(plan, "trial", tables, dense)  # noqa: E731
+    twins = (lambda p: [_say_int8(run.measure_int8(p), say)]) if "int8" in run.precision else None  # noqa: E731
     ran = st.refine(study, space, trials, measure, run.budget, dense, points, folder, say, wait=wait,
-                    poll_s=run.study_cfg.poll_s)
+                    poll_s=run.study_cfg.poll_s, twins=twins)
     found = st.trial_points(study)
     say(f"study {run.study_cfg.study_name!r}: this process ran {ran} trial(s); {len(found)} distinct trial points")
     return found, ran

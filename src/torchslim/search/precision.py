@@ -23,8 +23,10 @@ fine-tuned model with the default exporter, as the ``quantize`` stage does; the 
 came from a TorchScript export of the model before the final fine-tune). (One sweep per
 plan would cost a quantization per layer per point.)
 
-Optuna trials (``trials > 0``) refine the channel plan in fp32 only: an int8 point is never
-a seed or a twin of a trial.
+Optuna trials (``trials > 0``) sample fp32 channel plans (an int8 point is never a seed of the
+study, and the study's objectives are the fp32 point's), but each trial's fine-tuned model is
+also quantized and measured as its int8 file, and that point joins the front like a sweep
+point's twin (``trial_points``; ``trials.jsonl`` lists it under ``twins``).
 """
 
 from __future__ import annotations

@@ -391,19 +391,20 @@ def _surplus(study: Any, optuna: Any, number: int, n: int) -> bool:
 
 
 def trial_points(study: Any) -> list[Point]:
-    """The points of the study's finished trials (its own, not the added stage-one points), by trial number."""
+    """The points of the study's finished trials (its own, not the added stage-one points), their
+    twins (int8 files) included, by trial number."""
     import optuna
 
     out = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if _is_new(t) and "point" in t.user_attrs and t.user_attrs.get("duplicate_of") is None:
-            out.append(Point(**t.user_attrs["point"]))
+            out += [Point(**t.user_attrs["point"])] + [Point(**d) for d in t.user_attrs.get("twins", [])]
     return sorted(out, key=lambda p: p.extra.get("trial", 0))
 
 
 def refine(study: Any, space: Space, n: int, measure: Callable[[dict[str, int]], Point], budget: Any, dense: Point,
            known: list[Point], folder: Path | None, say: Callable[[str], None], *, wait: bool = True,
-           poll_s: float = 1.0) -> int:
+           poll_s: float = 1.0, twins: Callable[[Point], list[Point]] | None = None) -> int:
     """Run trials of ``study`` until it has ``n`` finished ones (its own; the seeds do not count).
 
     Args:
@@ -418,6 +419,8 @@ def refine(study: Any, space: Space, n: int, measure: Callable[[dict[str, int]],
         wait: when the remaining trials run in other workers, wait for them to finish (the
             process that finishes the search does); False: return (a worker that only helps).
         poll_s: seconds between looks at the study while waiting.
+        twins: more points of a trial's model (its int8 file), measured after it: they join the
+            front (:func:`trial_points`) but not the study's objectives, which are the plan's.
 
     Returns:
         How many trials this process ran.
@@ -462,6 +465,10 @@ def refine(study: Any, space: Space, n: int, measure: Callable[[dict[str, int]],
                     study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
                 raise
             p.extra.update({"trial": trial.number, "worker": me, "seconds": time.time() - t0})
+            more = [q.to_dict() for q in (twins(p) if twins is not None else [])]
+            for q in more:
+                q["extra"].update({"trial": trial.number, "worker": me})
+            trial.set_user_attr("twins", more)
         violation = constraint(p, budget, dense)
         trial.set_user_attr("point", p.to_dict())
         _set_constraint(trial, violation)
@@ -469,7 +476,7 @@ def refine(study: Any, space: Space, n: int, measure: Callable[[dict[str, int]],
         ran += 1
         if folder is not None:
             record = {"trial": trial.number, "worker": me, "duplicate_of": trial.user_attrs.get("duplicate_of"),
-                      "point": p.to_dict()}
+                      "point": p.to_dict(), "twins": trial.user_attrs.get("twins", [])}
             # One short write in append mode: lines from several workers do not interleave.
             with open(folder / "trials.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, default=float) + "\n")
@@ -495,7 +502,8 @@ def _progress_line(study: Any, optuna: Any, p: Point, n: int, budget: Any, dense
     trials = study.get_trials(deepcopy=False, states=(s.COMPLETE, s.RUNNING))
     own = [t for t in trials if t.state == s.COMPLETE and _is_new(t)]
     running = sum(1 for t in trials if t.state == s.RUNNING)
-    pts = known + [Point(**t.user_attrs["point"]) for t in own if "point" in t.user_attrs]
+    pts = known + [Point(**d) for t in own if "point" in t.user_attrs
+                   for d in [t.user_attrs["point"], *t.user_attrs.get("twins", [])]]
     ok = [q for q in pts if constraint(q, budget, dense) <= 1e-9]
     if budget.max_drop is not None:
         best = min(ok, key=lambda q: q.latency_ratio) if ok else None
