@@ -73,7 +73,7 @@ def test_searches_under_other_budgets_share_the_fine_tunes_of_one_store(model, s
 def test_a_search_run_again_loads_its_finalists_instead_of_training_them(model, splits, tmp_path, monkeypatch):
     budget = Budget(max_drop=5.0, batch=16, latency_budget_s=0.01)
     first = search.search(model, splits.train, splits.val, budget, SPACE, out=tmp_path, test=splits.test, **KW)
-    assert list((tmp_path / "store").glob(f"{FINETUNE_ID}-*/files/weights.pt"))  # the default store: RUN_DIR/store
+    assert list((tmp_path / "store").glob(f"{FINETUNE_ID}-*/files/weights.safetensors"))  # the default store: RUN_DIR/store
     calls = _counting(monkeypatch)
     again = search.search(model, splits.train, splits.val, budget, SPACE, out=tmp_path, test=splits.test, **KW)
     assert calls == []  # stage one from the run folder's cache, every fine-tune from the store
@@ -91,8 +91,8 @@ def test_a_damaged_stored_fine_tune_names_its_folder(model, tmp_path):
     again = fs.get("trial", {"g": 4}, split, None, TUNE, None, 0, lambda: torch.nn.Linear(2, 2),
                    lambda m, d: pytest.fail("a stored fine-tune ran again"))
     assert fs.loaded == 1 and torch.equal(again.weight, made.weight)
-    (weights,) = tmp_path.glob("trial-*/files/weights.pt")
-    weights.write_bytes(b"not a state dict")
+    (weights,) = tmp_path.glob("trial-*/files/weights.safetensors")
+    weights.write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match=r"delete that folder"):
         fs.get("trial", {"g": 4}, split, None, TUNE, None, 0, lambda: torch.nn.Linear(2, 2), lambda m, d: [])
     other = fs.key("trial", {"g": 2}, split, None, TUNE, None, 0)

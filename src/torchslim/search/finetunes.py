@@ -14,20 +14,21 @@ and the seed — and produced once, under the entry's lock. So:
 * the teacher's outputs on the fine-tune samples are cached in the store's ``cache/`` folder once,
   for every trial of every worker.
 
-An entry holds the fine-tuned weights (``files/weights.pt``, a state dict of the cut model, which
-the plan rebuilds exactly) and ``result.json`` (the fine-tune's per-epoch records), written last.
+An entry holds the fine-tuned weights (``files/weights.safetensors``, of the cut model, which the
+plan rebuilds exactly) and ``result.json`` (the fine-tune's per-epoch records), written last.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
 
 from torchslim.errors import ConfigError
 from torchslim.pipeline.store import Store, content_key
@@ -93,14 +94,14 @@ class FinetuneStore:
             finetune: trains a model in place, given the teacher cache folder; returns its records.
         """
         entry = self.store.entry(stage, self.key(stage, plan, train, val, config, kd, seed))
-        weights = entry.files / "weights.pt"
+        weights = entry.files / "weights.safetensors"
         with self.store.producing(entry):
             model = build()
             if entry.is_done():
                 entry.read_result()  # checks that the entry is whole and belongs to this key
                 try:
-                    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-                except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+                    load_model(model, str(weights))
+                except (OSError, RuntimeError, SafetensorError) as exc:
                     raise ConfigError(f"stored fine-tune {entry.root} cannot be loaded ({exc}); delete that folder "
                                       "and run the search again to fine-tune the plan anew") from None
                 self.loaded += 1
@@ -108,7 +109,7 @@ class FinetuneStore:
             records = finetune(model, self.store.cache_dir)
             entry.files.mkdir(parents=True, exist_ok=True)
             partial = weights.with_suffix(".partial")
-            torch.save(model.state_dict(), partial)
+            save_model(model, str(partial))
             os.replace(partial, weights)  # whole or absent: result.json, written next, marks the entry done
             entry.write_result({"records": records, "plan": dict(plan), "stage": stage})
             self.made += 1
