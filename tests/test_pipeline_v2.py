@@ -200,6 +200,37 @@ def test_every_shipped_recipe_shows_as_v2_and_reads_back(path):
     assert recipe.stages[-1].kind == "export"
 
 
+def test_a_written_recipe_reads_back_with_the_same_train_rules():
+    # The run folder's recipe.yaml is what --resume reads: a train section must not come back with
+    # fields it never gave (the pruned fine-tune would lose its 3x rate and flat_cosine).
+    doc = {"version": 2, "models": {"m": {"preset": "lenet5"}},
+           "stages": [{"kind": "prune", "id": "p", "input": "m", "method": {"sparsity": 0.5}},
+                      {"kind": "finetune", "id": "f", "input": "p", "train": {"epochs": 2, "lr": 0.01}},
+                      {"kind": "finetune", "id": "g", "input": "p", "train": {"epochs": 2}}]}
+    recipe = parse_recipe(doc)
+    shown = yaml.safe_load(recipe_to_yaml(recipe))
+    assert shown["stages"][1]["train"] == {"epochs": 2, "lr": 0.01} and shown["stages"][2]["train"] == {"epochs": 2}
+    back = parse_recipe(shown)
+    assert back == recipe
+    assert [s.train.for_masked_model().lr for s in back.stages[1:]] == [0.01, 3e-3]
+    assert back.stages[2].train.for_masked_model().schedule == "flat_cosine"
+
+
+def test_a_migrated_v1_train_section_keeps_only_what_it_gave():
+    # Fields a v1 recipe left out stay out of its v2 stages, so the "not given" rules hold there
+    # too: a fine-tune of pruned weights at 3x lr with flat_cosine, the short-run schedule.
+    doc = {"student": {"model": {"preset": "lenet5"}, "baseline": {"epochs": 2}},
+           "prune": {"sparsity": 0.5}, "finetune": {"train": {"epochs": 4, "batch_size": 64}}}
+    stages = {s.kind: s for s in parse_recipe(doc).stages}
+    tune = stages["finetune"].train
+    assert tune.model_fields_set == {"epochs", "batch_size"}
+    assert (tune.for_masked_model().lr, tune.for_masked_model().schedule) == (3 * tune.lr, "flat_cosine")
+    assert stages["train"].train.model_fields_set == {"epochs"} and stages["train"].train.schedule == "constant"
+    again = parse_recipe({**doc, "finetune": {"train": {"epochs": 4, "lr": 0.002}}})
+    given = next(s for s in again.stages if s.kind == "finetune").train
+    assert given.for_masked_model().lr == 0.002
+
+
 def test_v1_val_size_becomes_a_count_or_a_fraction():
     base = {"student": {"model": {"preset": "lenet5"}}}
     assert parse_recipe({**base, "data": {"val_size": 5000}}).data.val_size == 5000

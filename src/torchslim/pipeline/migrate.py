@@ -45,6 +45,12 @@ def _validate_v1(doc: dict[str, Any], source: str) -> RecipeV1:
     return validate_document(RecipeV1, {k: v for k, v in doc.items() if k != "version"}, source)
 
 
+def _train(config: Any) -> dict[str, Any]:
+    """A v1 ``train`` section as written: only the fields the recipe gave, so the v2 stage applies the
+    same "not given" rules (the short-run schedule, a masked model's fine-tune rate) as a v2 recipe."""
+    return config.model_dump(mode="json", exclude_unset=True)
+
+
 def _model(ref: Any, base_dir: Path | None) -> dict[str, Any]:
     out = ref.model_dump(mode="json", exclude_none=True)
     if base_dir is not None and out.get("weights") and not Path(out["weights"]).is_absolute():
@@ -70,19 +76,19 @@ def migrate_v1(doc: dict[str, Any], source: str = "recipe", base_dir: Path | Non
         else:
             out["models"]["teacher_init"] = {**_model(r.teacher.model, base_dir), "label": "teacher, untrained"}
             stages.append({"kind": "train", "id": "teacher", "input": "teacher_init", "label": "teacher",
-                           "train": r.teacher.train.model_dump(mode="json")})
+                           "train": _train(r.teacher.train)})
         teacher = subject = "teacher"
     if r.student is not None:
         out["models"]["student"] = _model(r.student.model, base_dir)
         subject = "student"
         if r.student.baseline is not None:
             stages.append({"kind": "train", "id": "student_alone", "input": "student",
-                           "label": "student, trained alone", "train": r.student.baseline.model_dump(mode="json")})
+                           "label": "student, trained alone", "train": _train(r.student.baseline)})
             subject = "student_alone"
         if r.distill is not None:
             stage = {"kind": "distill", "id": "distilled", "input": "student", "teacher": teacher,
                      "label": "student, distilled", "objective": r.distill.distillation().model_dump(mode="json"),
-                     "train": r.distill.train.model_dump(mode="json")}
+                     "train": _train(r.distill.train)}
             if r.student.baseline is not None:  # the same batches as the baseline: a fair comparison
                 stage.update(seed_of="student_alone", baseline="student_alone")
             stages.append(stage)
@@ -111,12 +117,12 @@ def _prune_stages(r: RecipeV1, subject: str | None, teacher: str | None) -> list
                                  "label": "channels removed, fine-tuned between steps only" if between
                                  else "channels removed, not fine-tuned"}
         if between:
-            stage["between_steps"] = f.train.model_copy(update={"epochs": between}).model_dump(mode="json")
+            stage["between_steps"] = _train(f.train.model_copy(update={"epochs": between}))
             stage.update(teacher=source, objective=objective)
         stages = [stage]
         if f is not None:
             stages.append({"kind": "finetune", "id": "finetuned", "input": "pruned", "teacher": source,
-                           "objective": objective, "train": f.train.model_dump(mode="json"),
+                           "objective": objective, "train": _train(f.train),
                            "label": "channels removed + fine-tuned"})
         return stages
     method = p.pruning_config().model_dump(mode="json")
@@ -130,14 +136,14 @@ def _prune_stages(r: RecipeV1, subject: str | None, teacher: str | None) -> list
         return stages
     common = {"id": "finetuned", "teacher": source, "objective": objective, "label": "pruned + fine-tuned"}
     if p.schedule == "oneshot":
-        stages.append({"kind": "finetune", "input": "pruned", "train": f.train.model_dump(mode="json"), **common})
+        stages.append({"kind": "finetune", "input": "pruned", "train": _train(f.train), **common})
     elif p.schedule == "gradual":
         gradual = {"start": p.gradual_start, "end": p.gradual_end, "frequency": p.gradual_frequency}
         stages.append({"kind": "prune", "input": subject, "method": method, "sensitivity": sensitivity,
-                       "schedule": {"gradual": gradual}, "train": f.train.model_dump(mode="json"), **common})
+                       "schedule": {"gradual": gradual}, "train": _train(f.train), **common})
     else:
         rounds = p.iterative.rounds
-        per_round = f.train.model_copy(update={"epochs": f.train.epochs // rounds}).model_dump(mode="json")
+        per_round = _train(f.train.model_copy(update={"epochs": f.train.epochs // rounds}))
         stages.append({"kind": "prune", "input": subject, "method": method, "sensitivity": sensitivity,
                        "schedule": {"iterative": p.iterative.model_dump(mode="json")}, "train": per_round, **common})
     return stages

@@ -294,8 +294,33 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    """The fully resolved recipe (every default written out) as YAML."""
-    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
+    """The resolved recipe as YAML: every default written out, except in ``train`` sections.
+
+    A ``train`` section (a :class:`~torchslim.train.TrainConfig`) lists only the fields the
+    recipe gave: its other fields follow rules that depend on where it is used (the short-run
+    schedule, a masked model's 3x rate with ``flat_cosine``), and a field written out would read
+    back as given (a resumed run's pruned fine-tune would train at 1x the rate).
+    """
+    data = recipe.model_dump(mode="json", by_alias=True)
+    _train_as_given(recipe, data)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _train_as_given(model: pydantic.BaseModel, dumped: dict[str, Any]) -> None:
+    from torchslim.train import TrainConfig  # noqa: PLC0415
+
+    for name, field in type(model).model_fields.items():
+        key, value = field.alias or name, getattr(model, name)
+        if key not in dumped:
+            continue
+        if isinstance(value, TrainConfig):
+            dumped[key] = value.model_dump(mode="json", exclude_unset=True)
+        elif isinstance(value, pydantic.BaseModel) and isinstance(dumped[key], dict):
+            _train_as_given(value, dumped[key])
+        elif isinstance(value, (list, tuple)) and isinstance(dumped[key], list):
+            for item, out in zip(value, dumped[key]):
+                if isinstance(item, pydantic.BaseModel) and isinstance(out, dict):
+                    _train_as_given(item, out)
 
 
 def factories(recipe: Recipe) -> set[str]:
