@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe")
     validate.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
-    validate.add_argument("--show", action="store_true", help="print the fully resolved recipe")
+    validate.add_argument("--show", action="store_true", help="print the resolved recipe (train sections as given)")
     validate.set_defaults(func=_cmd_validate)
 
     sens = sub.add_parser("sensitivity", help="prune each layer alone at a sweep of sparsities and measure accuracy")

@@ -3,7 +3,7 @@
 Layout::
 
     RUN_DIR/
-      recipe.yaml          the fully resolved v2 recipe (what --resume reads)
+      recipe.yaml          the resolved v2 recipe, train sections as given (what --resume reads)
       metrics.jsonl        one JSON record per epoch / event, in stage order, rewritten atomically
       models/<id>.slim     the model each stage produced (linked from the store)
       model.slim           the final model (masks finalized, sparse weights stored sparsely)
