@@ -11,7 +11,7 @@ import torch
 
 import torchslim as ts
 import torchslim.search as search
-import torchslim.search.api as api
+import torchslim.search.finalists as finalists
 from torchslim.errors import ConfigError
 from torchslim.search import Budget, SearchSpace
 from torchslim.search.finetunes import FinetuneStore
@@ -38,13 +38,13 @@ def model(splits):
 def _counting(monkeypatch) -> list[str]:
     """The stages of every fine-tune that really trains from now on."""
     calls: list[str] = []
-    real = api.kd_finetune_
+    real = finalists.kd_finetune_
 
     def counted(*args, **kwargs):
         calls.append(kwargs["stage"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "kd_finetune_", counted)
+    monkeypatch.setattr(finalists, "kd_finetune_", counted)
     return calls
 
 
@@ -98,3 +98,21 @@ def test_a_damaged_stored_fine_tune_names_its_folder(model, tmp_path):
     other = fs.key("trial", {"g": 2}, split, None, TUNE, None, 0)
     assert other != fs.key("trial", {"g": 4}, split, None, TUNE, None, 0)
     assert other != fs.key("trial", {"g": 2}, split, None, TUNE, None, 1)  # the seed is part of the key
+
+
+def test_a_point_is_finished_for_a_run_without_a_store(model, splits):
+    # benchmarks/auto_compression.py finishes points with its own namespace (no store): it must work.
+    from types import SimpleNamespace
+
+    from torchslim.search.finalists import finish_point
+    from torchslim.search.space import channel_groups
+
+    groups = channel_groups(model, splits.train.x[:1], SPACE)
+    budget = Budget(max_drop=5.0, batch=16, latency_budget_s=0.01)
+    m = search.Measurer(model, groups, SPACE, budget, splits.train.x)
+    run = SimpleNamespace(m=m, dense_acc=0.9, int8_cfg=None, budget=budget)
+    plan = {g.label: g.keeps[-1] for g in groups}
+    point = search.Point(plan, "sweep", 0.5, 40.0, 1.0, 1.0, 0.5, 1, 1)
+    tuned, metrics, quantized = finish_point(run, point, splits.train, splits.val, TUNE, None, 0)
+    assert quantized is None and metrics["finetune_epochs"] == 1
+    assert metrics["val_accuracy"] == pytest.approx(search.sensitivity.accuracy(tuned, splits.val.x, splits.val.y))

@@ -44,7 +44,7 @@ from torchslim.search.allocate import lagrangian_plans, pick_spread
 from torchslim.search.budget import Budget, SearchSpace
 from torchslim.search.finalists import best_within_bound, bisect_drop, drop_candidates, finetune_seed, finish_point, \
     kd_finetune_, recovery_kd, score_on_test  # noqa: F401 (finetune_seed, kd_finetune_ re-exported)
-from torchslim.search.finetunes import FinetuneStore, open_finetune_store
+from torchslim.search.finetunes import FinetuneStore, finetuned, open_finetune_store
 from torchslim.search.front import Point, pareto_front, size_front, write_json
 from torchslim.search.precision import int8_config, layer_precision, measure_int8, prefer_fp32_twin, \
     resolve_precision
@@ -412,8 +412,8 @@ class _Run:
         if source == "dense":
             built = m.dense
         elif trial is not None:
-            built = self.finetuned(plan, "trial", self.trial_train, None, trial, finetune_seed(self.seed, "trial"),
-                                   self.kd).eval()
+            built = finetuned(self, plan, "trial", self.trial_train, None, trial, finetune_seed(self.seed, "trial"),
+                              self.kd).eval()
         else:
             built = m.build(plan)
         self.last_model = built
@@ -424,18 +424,6 @@ class _Run:
                      1.0 if source == "dense" else lat["ratio"], lat["bytes"], m.macs(built), pred[0], pred[1],
                      self.budget.batch, self.budget.runtime,
                      {"trial_finetune_epochs": trial.epochs if trial is not None and source != "dense" else 0})
-
-    def finetuned(self, plan: dict[str, int], stage: str, train: Any, val: Any, config: Any, seed: int,
-                  kd: Any) -> nn.Module:
-        """``plan`` cut from the dense model and KD fine-tuned (loaded from the store when it holds it)."""
-        build = lambda: self.m.build(plan, recalibrate=False)  # noqa: E731
-        tune = lambda model, cache_dir: kd_finetune_(model, self.m.dense, train, val, config, seed=seed, kd=kd,  # noqa: E731
-                                                     stage=stage, cache_dir=cache_dir)
-        if self.finetunes is None:
-            model = build()
-            tune(model, None)
-            return model
-        return self.finetunes.get(stage, plan, train, val, config, kd, seed, build, tune)
 
     def measure_int8(self, twin: Point, model: nn.Module | None = None) -> Point:
         """``model`` (default: the last one measured) quantized to int8 and measured as that file

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from torchslim.search.finetunes import finetuned
 from torchslim.search.front import Point
 from torchslim.search.precision import INT8_MIN_GAIN, finish_int8
 from torchslim.search.recipe import FINETUNE_ID
@@ -93,7 +94,7 @@ def finish_point(run: Any, chosen: Point, train: Any, val: Any, finetune: Any, k
     elif finetune is not None and finetune.epochs > 0:
         # No BatchNorm re-estimation here: the recipe's prune_channels stage has none, and the
         # fine-tune's training passes re-estimate the statistics anyway.
-        model = run.finetuned(chosen.plan, FINETUNE_ID, train, val, finetune, finetune_seed(seed), kd)
+        model = finetuned(run, chosen.plan, FINETUNE_ID, train, val, finetune, finetune_seed(seed), kd)
     else:
         model = m.build(chosen.plan)
     model.eval()

@@ -121,3 +121,24 @@ def open_finetune_store(store: str | os.PathLike | None, folder: Path | None, de
     """A search's fine-tune store: ``store``, else ``folder/store`` (the run folder's), else None (nothing kept)."""
     root = store if store is not None else (folder / "store" if folder is not None else None)
     return FinetuneStore(root, dense, space) if root is not None else None
+
+
+def finetuned(run: Any, plan: dict[str, int], stage: str, train: Any, val: Any, config: Any, seed: int,
+              kd: Any) -> nn.Module:
+    """``plan`` cut from ``run.m``'s dense model and KD fine-tuned, as the recipe's fine-tune stage does.
+
+    Loaded from ``run.finetunes`` (a :class:`FinetuneStore`) when it holds it; a run without one
+    (None, or no such attribute: a caller's own namespace) fine-tunes every time.
+    """
+    from torchslim.search import finalists  # noqa: PLC0415 (finalists imports this module)
+
+    m = run.m
+    build = lambda: m.build(plan, recalibrate=False)  # noqa: E731
+    tune = lambda model, cache_dir: finalists.kd_finetune_(model, m.dense, train, val, config, seed=seed,  # noqa: E731
+                                                           kd=kd, stage=stage, cache_dir=cache_dir)
+    store = getattr(run, "finetunes", None)
+    if store is None:
+        model = build()
+        tune(model, None)
+        return model
+    return store.get(stage, plan, train, val, config, kd, seed, build, tune)
