@@ -133,6 +133,7 @@ def finetuned(run: Any, plan: dict[str, int], stage: str, train: Any, val: Any, 
     from torchslim.search import finalists  # noqa: PLC0415 (finalists imports this module)
 
     m = run.m
+    kd = kd if kd is not None else finalists.recovery_kd()  # keyed as what the fine-tune uses
     build = lambda: m.build(plan, recalibrate=False)  # noqa: E731
     tune = lambda model, cache_dir: finalists.kd_finetune_(model, m.dense, train, val, config, seed=seed,  # noqa: E731
                                                            kd=kd, stage=stage, cache_dir=cache_dir)
