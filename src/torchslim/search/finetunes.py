@@ -65,10 +65,6 @@ class FinetuneStore:
         self.made = 0  # fine-tunes run by this process
         self.loaded = 0  # fine-tunes loaded from the store
 
-    @property
-    def root(self) -> Path:
-        return self.store.root
-
     def _split_key(self, split: Any) -> str | None:
         if split is None:
             return None
