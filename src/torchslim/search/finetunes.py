@@ -20,32 +20,21 @@ plan rebuilds exactly) and ``result.json`` (the fine-tune's per-epoch records), 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from torchslim.errors import ConfigError
+# The .slim writer's digest of named tensors (names, dtypes, shapes, bytes): the same content, the same key.
+from torchslim.export.slim_header import _digest
 from torchslim.pipeline.store import Store, content_key
 
 #: Part of every key: a change to how the search fine-tunes must not load older entries.
 FORMAT = 1
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of named tensors (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{t.numel()}|".encode())
-        if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class FinetuneStore:
@@ -59,7 +48,7 @@ class FinetuneStore:
 
     def __init__(self, root: str | os.PathLike, dense: nn.Module, space: Any):
         self.store = Store(root)
-        self._base = content_key("torchslim-search-finetune", FORMAT, tensors_digest(dense.state_dict()),
+        self._base = content_key("torchslim-search-finetune", FORMAT, _digest(dense.state_dict()),
                                  space.to_dict())
         self._data: dict[int, tuple[Any, str]] = {}
         self.made = 0  # fine-tunes run by this process
@@ -70,7 +59,7 @@ class FinetuneStore:
             return None
         held = self._data.get(id(split))
         if held is None or held[0] is not split:
-            held = (split, tensors_digest({"x": split.x, "y": split.y}))  # the split is kept: its id stays its own
+            held = (split, _digest({"x": split.x, "y": split.y}))  # the split is kept: its id stays its own
             self._data[id(split)] = held
         return held[1]
 
