@@ -87,7 +87,8 @@ import torchslim as ts
 import torchslim.search as search
 from torchslim.search import Budget, InfeasibleBudget, SearchSpace, choose
 from torchslim.search.api import finetune_seed, kd_finetune_
-from torchslim.search.finalists import best_within_bound, finish_point
+from torchslim.search.finalists import best_within_bound, bisect_drop, finish_point
+from torchslim.search.finetunes import open_finetune_store
 from torchslim.search.precision import finish_int8, int8_config
 from torchslim.search.sensitivity import accuracy
 
@@ -146,12 +147,6 @@ def compare_refinement(points) -> list[dict]:
                      "stage_one_accuracy_at_equal_latency": b.accuracy if b else None,
                      "gain_points": 100 * (t.accuracy - b.accuracy) if b else None, "plan": t.plan})
     return rows
-
-
-def finetuned(m: search.Measurer, plan: dict, splits, config, seed: int) -> torch.nn.Module:
-    model = m.build(plan, recalibrate=False)
-    kd_finetune_(model, m.dense, splits.train, splits.val, config, seed=finetune_seed(seed))
-    return model.eval()
 
 
 def deployed(m: search.Measurer, teacher, model, precision: str, splits, q_cfg, batch: int, threads: int,
@@ -233,6 +228,55 @@ def tp_at_latency(m, teacher, target: float, precision: str, space, q_cfg, split
     return best
 
 
+def uniform_at_accuracy(run, uniform: list, p, target_drop: float, splits, ft, steps: int) -> dict:
+    """The fastest uniform plan as accurate as the chosen one after the same fine-tune (validation).
+
+    The uniform points (either precision), fastest first, are bisected like the search's finalists
+    (:func:`~torchslim.search.finalists.bisect_drop`): a probe is fine-tuned (and quantized, when
+    int8) exactly as the chosen point was, and matches when its validation drop is at most the
+    chosen one's. ``speedup`` is the match's measured latency over the chosen point's (both
+    against the dense fp32 file); None when no probe matched within ``steps``.
+    """
+    ladder = sorted(uniform, key=lambda q: q.latency_ratio)
+    win, tried = bisect_drop(ladder, target_drop, lambda q: finish_point(run, q, splits.train, splits.val, ft, None, 0),
+                             steps, log)
+    return {"chosen_latency_ratio": p.latency_ratio, "chosen_val_drop": target_drop,
+            "uniform": [{"precision": f.point.precision, "latency_ratio": f.point.latency_ratio,
+                         "val_drop": f.metrics["val_drop"], "matches": f.feasible} for f in tried],
+            "match_latency_ratio": win.point.latency_ratio if win else None,
+            "speedup": win.point.latency_ratio / p.latency_ratio if win else None}
+
+
+def tp_at_accuracy(m, teacher, p, target_drop: float, space, q_cfg, splits, budget, ft, dense_acc: float,
+                   steps: int) -> dict:
+    """Torch-Pruning's largest global ratio (bisected) whose fine-tuned file is as accurate as the chosen one.
+
+    Each probe: global pruning at the ratio, the same KD fine-tune, int8 when the chosen point is,
+    validation accuracy. The match's latency is then measured against the dense fp32 file.
+    """
+    lo, hi, best, rows = 0.0, 0.95, None, []
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        model = tp_global(teacher, mid, space.round_to, m.example[:1])
+        kd_finetune_(model, teacher, splits.train, splits.val, ft, seed=finetune_seed(0))
+        model.eval()
+        if p.precision == "int8":
+            val = finish_int8(model, q_cfg, splits.train, splits.val, None, budget.threads, dense_acc)[1]["val_accuracy"]
+        else:
+            val = accuracy(model, splits.val.x, splits.val.y)
+        drop = 100 * (dense_acc - val)
+        rows.append({"global_ratio": mid, "val_drop": drop, "matches": drop <= target_drop + 1e-9})
+        log(f"torch_pruning global ratio {mid:.3f} fine-tuned: val {drop:+.2f} pts (chosen {target_drop:+.2f})")
+        if drop <= target_drop + 1e-9:
+            best, lo = (mid, model), mid
+        else:
+            hi = mid
+    lat = tp_latency(m, best[1], p.precision, q_cfg, splits, budget) if best else None
+    return {"chosen_latency_ratio": p.latency_ratio, "chosen_val_drop": target_drop, "probes": rows,
+            "match_global_ratio": best[0] if best else None, "match_latency_ratio": lat,
+            "speedup": lat / p.latency_ratio if lat else None}
+
+
 def dense_model(args, splits, out: Path) -> torch.nn.Module:
     """The shipped teacher, or the seeded zoo model ``args.model`` trained on ``splits.train`` (cached in ``out``)."""
     if args.model == "fmnist_teacher":
@@ -251,6 +295,9 @@ def dense_model(args, splits, out: Path) -> torch.nn.Module:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="10k training samples, 2k test, 1 fine-tune epoch")
+    ap.add_argument("--smoke", action="store_true", help="a run in about a minute that exercises every step "
+                    "(the tests run it): 2,000 training, 500 validation and 500 test samples, three kept fractions, "
+                    "few candidates and bisection steps; its figures mean nothing")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--epochs", type=int, help="KD fine-tune epochs of each chosen plan (default 1 quick, 3 full)")
@@ -271,6 +318,8 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=8, help="channel counts rounded to a multiple of this")
     ap.add_argument("--tp-steps", type=int, default=7, help="bisection steps of Torch-Pruning's global ratio "
                     "(0: no Torch-Pruning baseline)")
+    ap.add_argument("--equal-accuracy", type=int, default=3, help="fine-tunes each baseline (uniform ladder, "
+                    "Torch-Pruning ratio) may spend finding the plan as accurate as each chosen one (0: skip)")
     ap.add_argument("--model", choices=["fmnist_teacher", "fmnist_student"], default="fmnist_teacher",
                     help="the dense model: the shipped teacher, or a student trained here first")
     ap.add_argument("--train-epochs", type=int, default=5, help="epochs of the student's training (--model "
@@ -279,27 +328,35 @@ def main() -> None:
                     "runs/auto_compression_study with --trials)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.quick, args.keep, args.tp_steps = True, args.keep or [1.0, 0.5, 0.25], min(args.tp_steps, 2)
+        args.equal_accuracy, args.finalists = min(args.equal_accuracy, 2), min(args.finalists, 2)
+        args.train_epochs = 1
     epochs = args.epochs or (1 if args.quick else 3)
-    limits = {"train_limit": 10000, "test_limit": 2000} if args.quick else {}
-    splits = ts.data.load_dataset("fashion-mnist", val_size=5000, seed=0, **limits)
+    limits = ({"train_limit": 2000, "test_limit": 500} if args.smoke else
+              {"train_limit": 10000, "test_limit": 2000} if args.quick else {})
+    val_size = 500 if args.smoke else 5000
+    splits = ts.data.load_dataset("fashion-mnist", val_size=val_size, seed=0, **limits)
     out = args.out or ROOT / "runs" / ("auto_compression_study" if args.trials else "auto_compression")
     teacher = dense_model(args, splits, Path(out))
     keep = {"keep": args.keep} if args.keep else {}
-    space = SearchSpace(**keep, round_to=args.round_to, sensitivity_samples=1000 if args.quick else 2000,
-                        max_candidates=10 if args.quick else 16, precision=PRECISION[args.precision],
-                        int8_layers=args.int8_layers)
+    space = SearchSpace(**keep, round_to=args.round_to,
+                        sensitivity_samples=300 if args.smoke else 1000 if args.quick else 2000,
+                        max_candidates=3 if args.smoke else 10 if args.quick else 16, precision=PRECISION[args.precision],
+                        int8_layers=args.int8_layers, **({"bn_batches": 2} if args.smoke else {}))
     budget = Budget(max_drop=0.5, batch=args.batch, threads=args.threads,
-                    latency_budget_s=0.4 if args.quick else 1.0)
+                    latency_budget_s=0.1 if args.smoke else 0.4 if args.quick else 1.0)
     ft = ts.TrainConfig(epochs=epochs)
-    data = {"dataset": "fashion-mnist", "val_size": 5000, **limits}
-    emit("config", model=args.model, quick=args.quick, precision=args.precision,
+    data = {"dataset": "fashion-mnist", "val_size": val_size, **limits}
+    emit("config", model=args.model, quick=args.quick, smoke=args.smoke, precision=args.precision,
          load_average=list(os.getloadavg()), trial_samples=args.trial_samples, trials=args.trials,
          threads=args.threads, batch=args.batch, finetune_epochs=epochs, int8_layers=args.int8_layers,
          finalists=args.finalists,
          train=len(splits.train.y), val=len(splits.val.y), test=len(splits.test.y), space=space.to_dict(),
          torch=torch.__version__)
     start = time.time()
-    trial_n = args.trial_samples if args.trial_samples is not None else (2000 if args.quick else 10000)
+    trial_n = args.trial_samples if args.trial_samples is not None else (
+        500 if args.smoke else 2000 if args.quick else 10000)
     trial = ts.TrainConfig(epochs=1) if trial_n else None
     r = search.search(teacher, splits.train, splits.val, budget, space, finetune=ft, test=splits.test,
                       out=out, recipe_data=data, progress=log, trial_finetune=trial, trial_samples=trial_n or None,
@@ -320,32 +377,34 @@ def main() -> None:
     d8 = [p for p in r.points if p.precision == "int8" and p.source == "dense"]
     q_cfg = int8_config(space).model_copy(update={"exclude": tuple(d8[0].extra["int8"]["excluded"]) if d8 else ()})
     bound = Budget(latency=0.25, batch=args.batch, threads=args.threads)
+    # Fine-tunes made as search() makes them (finish_point needs the measurer, the dense accuracy and the int8
+    # settings), kept in the search's own store: a plan the search already fine-tuned is loaded, not trained again.
+    run = SimpleNamespace(m=m, dense_acc=dense_acc, int8_cfg=q_cfg, budget=budget,
+                          finetunes=open_finetune_store(None, Path(out), teacher, space))
+    finish = lambda q: finish_point(run, q, splits.train, splits.val, ft, None, 0)  # noqa: E731
     try:
         p = choose(r.points, bound, r.dense)
         if p.source != "dense" and args.finalists:
-            # As search() decides under a bound: the most accurate feasible points get the full fine-tune,
-            # made as search() makes it (finish_point needs the measurer, the dense accuracy and int8 settings).
-            run = SimpleNamespace(m=m, dense_acc=dense_acc, int8_cfg=q_cfg, budget=budget)
+            # As search() decides under a bound: the most accurate feasible points get the full fine-tune.
             feasible = [q for q in r.front if q.latency_ratio <= bound.latency]
-            win, tried = best_within_bound(feasible, lambda q: finish_point(run, q, splits.train, splits.val, ft,
-                                                                            None, 0), args.finalists, log)
+            win, tried = best_within_bound(feasible, finish, args.finalists, log)
             emit("finalists", budget="latency_0.25x", rows=[f.record() for f in tried])
             chosen["latency_0.25x"] = (win.point, win.model, win.quantized)
             val_drop["latency_0.25x"] = win.metrics["val_drop"]
         else:
-            chosen["latency_0.25x"] = (p, finetuned(m, p.plan, splits, ft, 0) if p.source != "dense" else teacher,
-                                       None)
+            chosen["latency_0.25x"] = (p, finish(p)[0] if p.source != "dense" else teacher, None)
     except InfeasibleBudget as exc:
         emit("chosen", budget="latency_0.25x", feasible=False, message=str(exc))
     uniform = [p for p in r.points if p.source == "uniform"]
     shipped = lambda p, model, q=None: deployed(m, teacher, model, p.precision, splits, q_cfg, args.batch,  # noqa: E731
                                                 args.threads, budget.latency_budget_s, dense_acc, q)
+    equal = {}  # per budget and baseline: the baseline's latency at the chosen one's accuracy over the chosen's
     for name, (p, model, q) in chosen.items():
         d = shipped(p, model, q)
         # The uniform plan nearest in latency at or above the chosen one (either precision), given the same fine-tune.
         slower = [u for u in uniform if u.latency_ratio >= p.latency_ratio]
         u = min(slower, key=lambda q: q.latency_ratio) if slower else None
-        u_test = shipped(u, finetuned(m, u.plan, splits, ft, 0))["test_accuracy"] if u else None
+        u_test = shipped(u, *[finish(u)[i] for i in (0, 2)])["test_accuracy"] if u else None
         emit("chosen", budget=name, feasible=True, source=p.source, precision=p.precision,
              test_drop=100 * (dense_test - d["test_accuracy"]), val_drop_before_finetune=p.drop,
              val_drop_after_finetune=val_drop.get(name),
@@ -353,6 +412,11 @@ def main() -> None:
              uniform_precision=u.precision if u else None, uniform_latency_ratio=u.latency_ratio if u else None,
              uniform_test_accuracy=u_test,
              gain_over_uniform_points=100 * (d["test_accuracy"] - u_test) if u_test is not None else None)
+        target = val_drop.get(name)
+        if args.equal_accuracy and p.source != "dense" and target is not None:
+            row = uniform_at_accuracy(run, uniform, p, target, splits, ft, args.equal_accuracy)
+            emit("uniform_at_equal_accuracy", budget=name, **row)
+            equal[f"{name}_vs_uniform"] = row["speedup"]
         if p.latency_ratio >= 0.99 or not args.tp_steps:
             continue
         try:
@@ -369,11 +433,16 @@ def main() -> None:
              macs=ts.measure.count_macs(tpm, splits.test.x[:1]), **td,
              chosen_test_accuracy=d["test_accuracy"], chosen_ort_p50_ms=d["ort_p50_ms"],
              gain_of_chosen_points=100 * (d["test_accuracy"] - td["test_accuracy"]))
+        if args.equal_accuracy and target is not None:
+            row = tp_at_accuracy(m, teacher, p, target, space, q_cfg, splits, budget, ft, dense_acc,
+                                 args.equal_accuracy)
+            emit("torch_pruning_at_equal_accuracy", budget=name, **row)
+            equal[f"{name}_vs_torch_pruning"] = row["speedup"]
     if args.trials:
         emit("refinement", rows=compare_refinement(r.points))
         before = choose([p for p in r.points if p.source != "trial"], budget, r.dense)
         if before.plan != r.chosen.plan:
-            model = finetuned(m, before.plan, splits, ft, 0) if before.source != "dense" else teacher
+            model = finish(before)[0] if before.source != "dense" else teacher
             test = accuracy(model, splits.test.x, splits.test.y)
             ort = m.latency(model)
             emit("chosen_without_trials", source=before.source, val_drop_before_finetune=before.drop,
@@ -392,6 +461,7 @@ def main() -> None:
          chosen_precision=r.chosen.precision, int8_points_on_front=sum(p.precision == "int8" for p in r.front),
          load_average_end=list(os.getloadavg()),
          mean_gain_points_at_equal_latency=sum(gains) / len(gains) if gains else None,
+         speedup_at_equal_accuracy_after_finetune=equal,
          targets={"front_points_ge_5": len(r.front) >= 5, "search_minutes_le_30": r.seconds <= 1800})
 
 
