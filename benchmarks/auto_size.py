@@ -30,6 +30,7 @@ Run (from the repository root)::
 
     PYTHONPATH=src .venv/bin/python benchmarks/auto_size.py --model fmnist_student --out /tmp/as_student
     PYTHONPATH=src .venv/bin/python benchmarks/auto_size.py --quick      # 10k training samples, 1 epoch
+    PYTHONPATH=src .venv/bin/python benchmarks/auto_size.py --smoke      # about a minute: that it runs
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def main() -> None:
                     help="fmnist_teacher: the shipped weights; the others are trained here first (seeded, "
                     "--train-epochs, cached in OUT/dense_trained.slim)")
     ap.add_argument("--quick", action="store_true", help="10k training samples, 2k test, 1 fine-tune epoch")
+    ap.add_argument("--smoke", action="store_true", help="a run of about a minute that exercises every step "
+                    "(the tests run it): 2,000 training, 500 validation and 500 test samples, one base, few "
+                    "candidates and bisection steps; its figures mean nothing")
     ap.add_argument("--fraction", type=float, default=1 / 25, help="size bound as a fraction of the dense fp32 ONNX")
     ap.add_argument("--epochs", type=int, help="KD fine-tune epochs (default 1 quick, 3 full)")
     ap.add_argument("--threads", type=int, default=1)
@@ -107,24 +111,30 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="run folder (default runs/auto_size)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.quick, args.train_epochs, args.packed_bases = True, 1, 1
+        args.bisect_steps, args.sensitivity_samples = min(args.bisect_steps, 3), args.sensitivity_samples or 300
     epochs = args.epochs or (1 if args.quick else 3)
-    limits = {"train_limit": 10000, "test_limit": 2000} if args.quick else {}
-    splits = ts.data.load_dataset("fashion-mnist", val_size=5000, seed=0, **limits)
+    limits = ({"train_limit": 2000, "test_limit": 500} if args.smoke else
+              {"train_limit": 10000, "test_limit": 2000} if args.quick else {})
+    val_size = 500 if args.smoke else 5000
+    splits = ts.data.load_dataset("fashion-mnist", val_size=val_size, seed=0, **limits)
     out = Path(args.out or Path(__file__).resolve().parent.parent / "runs" / "auto_size")
     dense = dense_model(args, splits, out)
-    space = SearchSpace(round_to=4, precision=["fp32"], max_candidates=8 if args.quick else 12,
+    space = SearchSpace(round_to=4, precision=["fp32"], max_candidates=3 if args.smoke else 8 if args.quick else 12,
                         sensitivity_samples=args.sensitivity_samples or (1000 if args.quick else 2000),
                         packed_bases=args.packed_bases)
     probe = search.Measurer(dense, [], space, Budget(size_bytes=1), splits.train.x)
     bound = int(args.fraction * len(probe.dense_file()))
-    budget = Budget(size_bytes=bound, batch=args.batch, threads=args.threads, latency_budget_s=0.4)
+    budget = Budget(size_bytes=bound, batch=args.batch, threads=args.threads,
+                    latency_budget_s=0.1 if args.smoke else 0.4)
     ft = ts.TrainConfig(epochs=epochs)
-    emit("config", model=args.model, quick=args.quick, fraction=args.fraction, size_bytes=bound, epochs=epochs,
+    emit("config", model=args.model, quick=args.quick, smoke=args.smoke, fraction=args.fraction, size_bytes=bound, epochs=epochs,
          seed=args.seed, threads=args.threads, load_average=list(os.getloadavg()), train=len(splits.train.y),
          val=len(splits.val.y), test=len(splits.test.y), space=space.to_dict(), torch=torch.__version__)
     start = time.time()
     r = search.search(dense, splits.train, splits.val, budget, space, finetune=ft, test=splits.test, out=out,
-                      seed=args.seed, recipe_data={"dataset": "fashion-mnist", "val_size": 5000, **limits},
+                      seed=args.seed, recipe_data={"dataset": "fashion-mnist", "val_size": val_size, **limits},
                       progress=log)
     dense_test = accuracy(dense, splits.test.x, splits.test.y)
     emit("dense", val_accuracy=r.dense.accuracy, test_accuracy=dense_test, onnx_bytes=r.dense.bytes)
