@@ -27,14 +27,35 @@ def make_blobs(n: int = 256, classes: int = 4, shape=(1, 8, 8), seed: int = 0) -
     return Split(x, y)
 
 
+_DIGITS_TEACHERS: dict[tuple[int, int], tuple[object, torch.nn.Module]] = {}
+
+
 def digits_teacher(train, epochs: int) -> torch.nn.Module:
-    """A width-8 fmnist_teacher trained on sklearn's digits: the search tests' dense model."""
+    """A width-8 fmnist_teacher trained on sklearn's digits: the search tests' dense model.
+
+    Trained once per session for each (training split, epochs) and handed out as a copy, so the
+    search test modules share the training and none can change another's model.
+    """
+    import copy
+
     import torchslim as ts
 
-    torch.manual_seed(0)
-    model = ts.models.create("fmnist_teacher", input_size=8, num_classes=10, width=8, fc=32)
-    ts.fit(model, train, ts.TrainConfig(epochs=epochs, lr=3e-3), progress=False)
-    return model.eval()
+    key = (id(train), epochs)
+    held = _DIGITS_TEACHERS.get(key)
+    if held is None or held[0] is not train:  # the split is held too: its id cannot pass to another object
+        torch.manual_seed(0)
+        model = ts.models.create("fmnist_teacher", input_size=8, num_classes=10, width=8, fc=32)
+        ts.fit(model, train, ts.TrainConfig(epochs=epochs, lr=3e-3), progress=False)
+        held = _DIGITS_TEACHERS[key] = (train, model.eval())
+    return copy.deepcopy(held[1])
+
+
+@pytest.fixture(scope="session")
+def splits():
+    """sklearn's digits (train / val / test), loaded once: the search tests' data (read, never changed)."""
+    import torchslim as ts
+
+    return ts.data.load_dataset("digits")
 
 
 @pytest.fixture

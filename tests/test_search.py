@@ -23,11 +23,6 @@ DATA = {"dataset": "digits", "val_fraction": 0.1}
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return ts.data.load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
 def model(splits):
     return digits_teacher(splits.train, epochs=6)
 
@@ -188,3 +183,59 @@ def test_a_macs_bound_chooses_among_plans_timed_slower_than_the_dense_model(mode
                       uniform=False)
     assert [p.source for p in r.front] == ["dense"]  # every cut plan was timed slower
     assert r.chosen.source != "dense" and r.chosen.macs <= 0.9 * r.dense.macs
+
+
+def test_relinearized_sweep_uses_the_table_measured_nearest_each_plan():
+    from torchslim.search.allocate import lagrangian_plans, relinearized_plans
+    from torchslim.search.sensitivity import Tables
+    from torchslim.search.space import GroupChoice
+
+    groups = [GroupChoice(g, g, (g,), 4, (4, 2, 1)) for g in "ab"]
+    lat = {g: {4: 0.0, 2: -0.3, 1: -0.45} for g in "ab"}
+    # At the dense model, cutting a is free and b is not; around the half-width base it is the other way.
+    dense = Tables(0.9, {"a": {4: 0.0, 2: 0.0, 1: 0.1}, "b": {4: 0.0, 2: 1.0, 1: 5.0}}, lat)
+    base = {"a": 2, "b": 2}
+    around = Tables(0.8, {"a": {4: -3.0, 2: 0.0, 1: 20.0}, "b": {4: -1.0, 2: 0.0, 1: 2.0}}, lat, offset=10.0)
+    assert around.predict(base)[0] == 10.0 and around.predict({"a": 2, "b": 1})[0] == 12.0
+    assert {"a": 1, "b": 2} in lagrangian_plans(groups, dense)
+    plans = relinearized_plans(groups, dense, [(base, around)])
+    assert {"a": 2, "b": 1} in plans and {"a": 1, "b": 2} not in plans
+    split = (0.7 * 0.7) ** 0.5  # the regions meet at the geometric mean of the anchors' latencies (1.0, 0.49)
+    for p in plans:  # each plan is one its region's table chose
+        source = dense if dense.predict(p)[1] > split else around
+        assert p in lagrangian_plans(groups, source)
+    lats = [dense.predict(p)[1] for p in plans]
+    assert lats == sorted(lats, reverse=True)
+
+
+def test_search_measures_the_drop_table_again_around_table_bases(model, splits):
+    with pytest.raises(ValueError, match="table_bases"):
+        SearchSpace(table_bases=[1.0])
+    space = SearchSpace(keep=[1.0, 0.5, 0.25], bn_batches=1, max_candidates=3, precision=["fp32"],
+                        exclude=["features.3", "features.10"], table_bases=[0.5])
+    lines: list[str] = []
+    r = search.search(model, splits.train, splits.val, Budget(macs=0.8, batch=16, latency_budget_s=0.01), space,
+                      uniform=False, progress=lines.append)
+    around = [s for s in lines if s.startswith("sensitivity around")]
+    assert len(around) == 1 and "base drop" in around[0]
+    assert any(p.source == "sweep" for p in r.points)
+
+
+def test_base_tables_are_relative_to_their_base(model, splits):
+    from torchslim.search.sensitivity import Measurer, build_base_tables, build_tables
+    from torchslim.search.space import uniform_plan
+
+    space = SearchSpace(keep=[1.0, 0.5, 0.25], bn_batches=1, exclude=["features.3", "features.10"])
+    groups = channel_groups(model, splits.train.x[:1], space)
+    m = Measurer(model, groups, space, Budget(macs=0.5, batch=16, latency_budget_s=0.01), splits.train.x)
+    vx, vy = splits.val.x, splits.val.y
+    dense = build_tables(m, vx, vy)
+    base = uniform_plan(groups, 0.5)
+    t = build_base_tables(m, base, dense, vx, vy)
+    base_acc = accuracy(m.build(base), vx, vy)
+    assert t.offset == pytest.approx(100 * (dense.dense_accuracy - base_acc))
+    assert all(t.drop[g][k] == 0.0 for g, k in base.items())
+    assert t.predict(base) == (pytest.approx(t.offset), dense.predict(base)[1])
+    g = groups[0]
+    moved = {**base, g.label: g.size}
+    assert t.predict(moved)[0] == pytest.approx(100 * (dense.dense_accuracy - accuracy(m.build(moved), vx, vy)))

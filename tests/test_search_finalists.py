@@ -89,11 +89,6 @@ def test_under_a_bound_the_best_after_the_fine_tune_wins_not_the_best_proxy():
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return ts.data.load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
 def model(splits):
     return digits_teacher(splits.train, epochs=6)
 

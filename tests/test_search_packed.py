@@ -101,11 +101,6 @@ def test_the_allocation_runs_from_the_most_accurate_plan_to_the_smallest():
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return ts.data.load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
 def searched(splits, tmp_path_factory):
     model = digits_teacher(splits.train, epochs=6)
     out = tmp_path_factory.mktemp("packed")

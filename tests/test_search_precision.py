@@ -35,11 +35,6 @@ SPACE = SearchSpace(keep=[1.0, 0.5], bn_batches=1, max_candidates=1, exclude=["r
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return ts.data.load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
 def model(splits):
     return digits_teacher(splits.train, epochs=4)
 

@@ -36,11 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return ts.data.load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
 def model(splits):
     return digits_teacher(splits.train, epochs=4)
 
