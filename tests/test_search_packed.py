@@ -202,3 +202,28 @@ def test_the_knapsack_finds_the_plan_at_the_bound_that_the_sweep_skips():
     assert knapsack_codes(tables, choices, 1100) == {"a": (0.0, None)}
     assert knapsack_codes(tables, choices, 150) is None  # even the smallest plan is 200 bytes
     assert {p["a"] for p in bound_plans(tables, choices, 650)} == {(0.5, None), (0.9, None)}
+
+
+def test_a_size_search_run_again_loads_its_packed_finalists(searched, splits, monkeypatch):
+    import shutil
+
+    import torchslim.search.finalists as finalists
+
+    r, out, _ = searched
+    again_out = out.parent / "packed_again"
+    shutil.copytree(out, again_out)  # the run folder with its store, left as the first search wrote it
+    calls: list[str] = []
+    real = finalists.kd_finetune_
+    monkeypatch.setattr(finalists, "kd_finetune_", lambda *a, **k: calls.append(k.get("stage")) or real(*a, **k))
+    model = digits_teacher(splits.train, epochs=6)
+    space = SearchSpace(keep=[1.0, 0.5], bn_batches=1, max_candidates=2, precision=["fp32"], exclude=["features.3"],
+                        sparsity=[0.5, 0.8], share_bits=[4], packed_bases=1)
+    again = search.search(model, splits.train, splits.val, Budget(size_bytes=8000, batch=16, latency_budget_s=0.01),
+                          space, finetune=ts.TrainConfig(epochs=1, lr=3e-3), test=splits.test, out=again_out,
+                          finalists=2, recipe_data={"dataset": "digits"})
+    assert calls == []  # both fine-tunes of every packed finalist (masked, then the centroids) loaded
+    assert again.chosen.extra["packed"] == r.chosen.extra["packed"] and again.chosen.plan == r.chosen.plan
+    assert (again.metrics["val_accuracy"], again.metrics["bytes"], again.metrics["test_accuracy"]) == (
+        r.metrics["val_accuracy"], r.metrics["bytes"], r.metrics["test_accuracy"])
+    stages = {p.name.split("-")[0] for p in (again_out / "store").iterdir() if p.is_dir()}
+    assert {"finetuned", "shared"} <= stages

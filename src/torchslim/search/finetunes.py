@@ -63,22 +63,25 @@ class FinetuneStore:
             self._data[id(split)] = held
         return held[1]
 
-    def key(self, stage: str, plan: dict[str, int], train: Any, val: Any, config: Any, kd: Any, seed: int) -> str:
-        """The content key of one fine-tune."""
-        return content_key(self._base, stage, sorted(plan.items()), self._split_key(train), self._split_key(val),
-                           config.to_dict(), kd.to_dict() if kd is not None else None, seed)
+    def key(self, stage: str, plan: dict[str, int], train: Any, val: Any, config: Any, kd: Any, seed: int,
+            extra: dict[str, Any] | None = None) -> str:
+        """The content key of one fine-tune (``extra``: anything else the model depends on, e.g. packed codes)."""
+        parts = [self._base, stage, sorted(plan.items()), self._split_key(train), self._split_key(val),
+                 config.to_dict(), kd.to_dict() if kd is not None else None, seed]
+        return content_key(*parts, *([extra] if extra is not None else []))
 
     def get(self, stage: str, plan: dict[str, int], train: Any, val: Any, config: Any, kd: Any, seed: int,
-            build: Callable[[], nn.Module], finetune: Callable[[nn.Module, Path], list[dict[str, Any]]]) -> nn.Module:
+            build: Callable[[], nn.Module], finetune: Callable[[nn.Module, Path], list[dict[str, Any]]],
+            extra: dict[str, Any] | None = None) -> nn.Module:
         """The fine-tuned model of ``plan``: loaded from the store, or built, fine-tuned and stored.
 
         Args:
             stage: names the entry (``trial`` or the recipe's fine-tune stage id).
-            plan, train, val, config, kd, seed: what the fine-tune depends on (the key).
-            build: makes the cut model of ``plan`` (the same architecture every call).
+            plan, train, val, config, kd, seed, extra: what the fine-tune depends on (the key).
+            build: makes the model to fine-tune (the same architecture every call).
             finetune: trains a model in place, given the teacher cache folder; returns its records.
         """
-        entry = self.store.entry(stage, self.key(stage, plan, train, val, config, kd, seed))
+        entry = self.store.entry(stage, self.key(stage, plan, train, val, config, kd, seed, extra))
         weights = entry.files / "weights.safetensors"
         with self.store.producing(entry):
             model = build()
@@ -115,16 +118,22 @@ def finetuned(run: Any, plan: dict[str, int], stage: str, train: Any, val: Any, 
     Loaded from ``run.finetunes`` (a :class:`FinetuneStore`) when it holds it; a run without one
     (None, or no such attribute: a caller's own namespace) fine-tunes every time.
     """
+    return stored_finetune(run, plan, stage, train, val, config, seed, kd,
+                           lambda: run.m.build(plan, recalibrate=False))
+
+
+def stored_finetune(run: Any, plan: dict[str, int], stage: str, train: Any, val: Any, config: Any, seed: int, kd: Any,
+                    build: Callable[[], nn.Module], extra: dict[str, Any] | None = None) -> nn.Module:
+    """The model ``build`` makes, KD fine-tuned from ``run.m``'s dense model: through ``run.finetunes``
+    when the run has one (keyed by ``plan`` and ``extra`` besides the fine-tune's settings)."""
     from torchslim.search import finalists  # noqa: PLC0415 (finalists imports this module)
 
-    m = run.m
     kd = kd if kd is not None else finalists.recovery_kd()  # keyed as what the fine-tune uses
-    build = lambda: m.build(plan, recalibrate=False)  # noqa: E731
-    tune = lambda model, cache_dir: finalists.kd_finetune_(model, m.dense, train, val, config, seed=seed,  # noqa: E731
-                                                           kd=kd, stage=stage, cache_dir=cache_dir)
+    tune = lambda model, cache_dir: finalists.kd_finetune_(model, run.m.dense, train, val, config,  # noqa: E731
+                                                           seed=seed, kd=kd, stage=stage, cache_dir=cache_dir)
     store = getattr(run, "finetunes", None)
     if store is None:
         model = build()
         tune(model, None)
         return model
-    return store.get(stage, plan, train, val, config, kd, seed, build, tune)
+    return store.get(stage, plan, train, val, config, kd, seed, build, tune, extra)

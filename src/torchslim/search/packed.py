@@ -374,23 +374,34 @@ def finish_packed(run: Any, chosen: Point, train: Any, val: Any, finetune: Any, 
     """
     from torchslim.prune import prune_
     from torchslim.quant.sharing import finalize_sharing_, share_weights_
-    from torchslim.search.finalists import finetune_seed, kd_finetune_
+    from torchslim.search.finalists import finetune_seed
+    from torchslim.search.finetunes import stored_finetune
     from torchslim.search.recipe import FINETUNE_ID
 
     codes = {layer: parse_code(c) for layer, c in chosen.extra["packed"].items()}
     finetune = packed_finetune(finetune, codes)
     tuned = finetune is not None and finetune.epochs > 0
-    model = _base_model(run, chosen.plan, recalibrate=not tuned)
     p, s = pruning_config(codes), sharing_config(codes)
-    if p is not None:
-        prune_(model, p)
-    if tuned:
-        kd_finetune_(model, run.m.dense, train, val, finetune, seed=finetune_seed(seed, FINETUNE_ID), kd=kd)
+
+    def pruned() -> nn.Module:
+        model = _base_model(run, chosen.plan, recalibrate=not tuned)
+        if p is not None:
+            prune_(model, p)
+        return model
+
+    # Both fine-tunes go through the run's store (when it has one), keyed by the layers' codes too:
+    # a search run again, or another size bound given the same store, loads them.
+    key = {"packed": dict(sorted(chosen.extra["packed"].items()))}
+    model = (stored_finetune(run, chosen.plan, FINETUNE_ID, train, val, finetune, finetune_seed(seed, FINETUNE_ID),
+                             kd, pruned, key) if tuned else pruned())
     if s is not None:
-        share_weights_(model, s)
-        if tuned:
-            kd_finetune_(model, run.m.dense, train, val, share_finetune(finetune), seed=finetune_seed(seed, SHARE_ID),
-                         kd=kd, stage=SHARE_ID)
+        def shared() -> nn.Module:  # k-means on the fine-tuned weights: the same codebooks every call
+            out = copy.deepcopy(model)
+            share_weights_(out, s)
+            return out
+
+        model = (stored_finetune(run, chosen.plan, SHARE_ID, train, val, share_finetune(finetune),
+                                 finetune_seed(seed, SHARE_ID), kd, shared, key) if tuned else shared())
         finalize_sharing_(model)
     if not tuned:
         recalibrate_bn_(model, run.m.train_x, run.space.bn_batches, run.space.bn_batch_size)
