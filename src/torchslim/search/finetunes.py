@@ -14,8 +14,12 @@ and the seed — and produced once, under the entry's lock. So:
 * the teacher's outputs on the fine-tune samples are cached in the store's ``cache/`` folder once,
   for every trial of every worker.
 
+A packed finalist (size bounds, :func:`~torchslim.search.packed.finish_packed`) has two entries,
+its masked fine-tune and its centroid fine-tune, keyed by the layers' (sparsity, bits) codes too.
+
 An entry holds the fine-tuned weights (``files/weights.safetensors``, of the cut model, which the
-plan rebuilds exactly) and ``result.json`` (the fine-tune's per-epoch records), written last.
+plan rebuilds exactly; with masks or codebooks for a packed finalist) and ``result.json`` (the
+fine-tune's per-epoch records), written last.
 """
 
 from __future__ import annotations
