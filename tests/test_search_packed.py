@@ -227,3 +227,25 @@ def test_a_size_search_run_again_loads_its_packed_finalists(searched, splits, mo
         r.metrics["val_accuracy"], r.metrics["bytes"], r.metrics["test_accuracy"])
     stages = {p.name.split("-")[0] for p in (again_out / "store").iterdir() if p.is_dir()}
     assert {"finetuned", "shared"} <= stages
+
+
+def test_each_trial_under_a_size_bound_is_also_measured_as_a_packed_file(splits):
+    pytest.importorskip("optuna")
+    model = digits_teacher(splits.train, epochs=6)
+    space = SearchSpace(keep=[1.0, 0.5], bn_batches=1, max_candidates=2, precision=["fp32"], exclude=["features.3"],
+                        sparsity=[0.5, 0.8], share_bits=[4], packed_bases=1)
+    lines: list[str] = []
+    r = search.search(model, splits.train, splits.val, Budget(size_bytes=8000, batch=16, latency_budget_s=0.01),
+                      space, trials=2, trial_finetune=ts.TrainConfig(epochs=1, batch_size=64), trial_samples=128,
+                      finalists=0, progress=lines.append)
+    trial_fp32 = [p for p in r.points if p.source == "trial" and p.precision == "fp32"]
+    trial_packed = [p for p in r.points if p.source == "trial" and p.precision == "packed"]
+    assert trial_fp32 and all(p.bytes > 8000 for p in trial_fp32)  # no fp32 file of this model meets the bound
+    # Each measured trial has a packed twin: same plan and trial, its codes, its measured file within the bound
+    # the codes were solved for (up to the per-layer byte scaling's error).
+    assert {p.extra["trial"] for p in trial_packed} == {p.extra["trial"] for p in trial_fp32
+                                                          if p.extra.get("duplicate_of") is None}
+    for q in trial_packed:
+        twin = next(p for p in trial_fp32 if p.extra["trial"] == q.extra["trial"])
+        assert q.plan == twin.plan and set(q.extra["packed"]) and q.bytes < twin.bytes
+    assert any("packed file of that model" in line for line in lines)

@@ -49,7 +49,7 @@ from torchslim.search.front import Point, pareto_front, size_front, write_json
 from torchslim.search.precision import int8_config, layer_precision, measure_int8, prefer_fp32_twin, \
     resolve_precision
 from torchslim.search.output import chosen_recipe, plot_search, write_outputs
-from torchslim.search.packed import packed_points, resolve_axes
+from torchslim.search.packed import cached_packed_tables, packed_points, packed_twin, resolve_axes
 from torchslim.search.recipe import FINETUNE_ID, PRUNE_ID, _model_ref, recipe_document  # noqa: F401 (re-exported)
 from torchslim.search.sensitivity import Measurer, Tables, accuracy, build_base_tables, build_tables
 from torchslim.search.space import GroupChoice, channel_groups, dense_plan, plan_config, plan_key, uniform_plan
@@ -378,6 +378,8 @@ def search_worker(model: nn.Module, train: Any, val: Any, budget: Budget, space:
     from torchslim.search.study import wait_for_stage_one
 
     dense, tables, points = wait_for_stage_one(run.study_cfg, folder, run.key, wait_s, say)
+    if folder is not None and any(run.packed_axes):  # a worker beside the run folder measures packed twins too
+        run.packed_tables = cached_packed_tables(folder, run.key)
     return _refine(run, dense, tables, points, trials, folder, say, wait=False, on_ready=None, create=False)[1]
 
 
@@ -475,10 +477,7 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
             run.int8_cfg = int8_config(run.space).model_copy(
                 update={"exclude": tuple(d8[0].extra["int8"]["excluded"])})
         if folder is not None:
-            from torchslim.search.packed import PackedTables
-            from torchslim.search.study import load_packed_tables
-
-            run.packed_tables = [PackedTables.from_dict(d) for d in load_packed_tables(folder, run.key)]
+            run.packed_tables = cached_packed_tables(folder, run.key)
         say(f"stage one (tables, {len(points) - 1} measured points) reused from the run folder / study")
         return dense, tables, points
     m, groups, space, budget = run.m, run.groups, run.space, run.budget
@@ -555,9 +554,17 @@ def _refine(run: _Run, dense: Point, tables: Tables, points: list[Point], trials
     if on_ready is not None:
         on_ready()
     measure = lambda plan: run.measure(plan, "trial", tables, dense)  # noqa: E731
-    twins = (lambda p: [_say_int8(run.measure_int8(p), say)]) if "int8" in run.precision else None  # noqa: E731
+    int8 = "int8" in run.precision
+    packed = bool(run.packed_tables) and run.budget.size_bytes is not None  # a trial's packed file too (size bounds)
+
+    def twins(p: Point) -> list[Point]:
+        model = run.last_model
+        out = [_say_int8(run.measure_int8(p, model), say)] if int8 else []
+        q = packed_twin(run, model, p) if packed else None
+        return out + ([_say_int8(q, say, "packed file of that model")] if q is not None else [])
+
     ran = st.refine(study, space, trials, measure, run.budget, dense, points, folder, say, wait=wait,
-                    poll_s=run.study_cfg.poll_s, twins=twins)
+                    poll_s=run.study_cfg.poll_s, twins=twins if int8 or packed else None)
     found = st.trial_points(study)
     say(f"study {run.study_cfg.study_name!r}: this process ran {ran} trial(s); {len(found)} distinct trial points")
     return found, ran

@@ -17,6 +17,11 @@ the Deep-Compression artifact, written and measured, never estimated.
    ``drop + λ · bytes`` (the knapsack's lower hull) spread over the other sizes: at most
    ``max_candidates`` plans, each built, packed, scored on the whole validation split and timed.
 4. *Uniform baseline.* The dense model with one (sparsity, bits) choice in every layer.
+5. *Optuna trials* (``trials > 0``) sample channel plans; each trial's fine-tuned model is also
+   compressed with the codes the nearest base's table solves at the bound and measured as its
+   packed file (:func:`packed_twin`), a point that joins the size front like a sweep point (the
+   study's objectives stay the fp32 file's). A worker process measures these twins when it runs
+   beside the run folder (the tables are read from its cache).
 
 A chosen packed point is finished as Deep Compression does it and as the emitted recipe
 replays it: channels cut, weights pruned per layer (magnitude), the full KD fine-tune with
@@ -184,6 +189,13 @@ class PackedTables:
         return cls(d["base"], d["plan"], d["file_bytes"], d["drop"], d["bytes"], d["base_drop"])
 
 
+def cached_packed_tables(folder: Path, key: str) -> list[PackedTables]:
+    """The packed tables a search with settings ``key`` cached in ``folder`` (``[]`` if none)."""
+    from torchslim.search.study import load_packed_tables
+
+    return [PackedTables.from_dict(d) for d in load_packed_tables(folder, key)]
+
+
 def build_packed_tables(base: nn.Module, label: str, plan: dict[str, int], choices: list[Code], run: Any,
                         val_x: Any, val_y: Any, say: Callable[[str], None], base_drop: float = 0.0) -> PackedTables:
     """Each layer of ``base`` compressed alone to each choice: drop on the subset and bytes in the packed file."""
@@ -313,6 +325,32 @@ def measure_packed(run: Any, plan: dict[str, int], source: str, codes: dict[str,
              "dense", "predicted_bytes": predicted[1], "trial_finetune_epochs": 0}
     return Point(dict(plan), source, acc, 100 * (run.dense_acc - acc), lat["p50_ms"], lat["p90_ms"], lat["ratio"],
                  size, m.macs(model), predicted[0], None, budget.batch, budget.runtime, extra, precision="packed")
+
+
+def packed_twin(run: Any, model: nn.Module, point: Point) -> Point | None:
+    """An Optuna trial's model also as a packed file (under a size bound): its int8-twin counterpart.
+
+    Trials sample channel plans; under a tight size bound no fp32 file of one can meet it, so each
+    trial's fine-tuned model is also compressed with the (sparsity, bits) codes that the packed
+    table of the nearest base (in kept fractions) solves at the bound, its bytes scaled layer by
+    layer to the trial's weight counts, then packed and measured like a stage-one packed point
+    (``source="trial"``). None when the search has no packed tables or no codes fit.
+    """
+    if not run.packed_tables or run.budget.size_bytes is None:
+        return None
+    sizes = {g.label: g.size for g in run.groups}
+    table = min(run.packed_tables, key=lambda t: sum(abs(t.plan.get(g, n) - point.plan.get(g, n)) / n
+                                                     for g, n in sizes.items()))
+    base = _base_model(run, table.plan, recalibrate=False)
+    scale = {name: model.get_submodule(name).weight.numel() / max(base.get_submodule(name).weight.numel(), 1)
+             for name in table.drop}
+    scaled = PackedTables(table.base, dict(point.plan), table.file_bytes, table.drop,
+                          {g: {k: int(round(v * scale[g])) for k, v in d.items()} for g, d in table.bytes.items()},
+                          table.base_drop)
+    untouched = code_label((0.0, None))
+    scaled.file_bytes += sum(scaled.bytes[g][untouched] - table.bytes[g][untouched] for g in table.drop)
+    codes = knapsack_codes(scaled, code_choices(*run.packed_axes), int(BOUND_TARGETS[0] * run.budget.size_bytes))
+    return None if codes is None else measure_packed(run, point.plan, "trial", codes, scaled, model)
 
 
 def _base_model(run: Any, plan: dict[str, int], *, recalibrate: bool = True) -> nn.Module:
