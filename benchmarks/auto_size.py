@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--packed-bases", type=int, default=2, help="channel plans the packed axes are searched on")
     ap.add_argument("--sensitivity-samples", type=int, help="validation samples of the per-layer tables "
                     "(default 1000 quick, 2000 full)")
+    ap.add_argument("--trials", type=int, default=0, help="Optuna trials (search(trials=)): each trial's model is "
+                    "also measured as a packed file (needs pip install 'torchslim[search]')")
     ap.add_argument("--train-epochs", type=int, default=5, help="epochs of the student's training (fmnist_student)")
     ap.add_argument("--out", default=None, help="run folder (default runs/auto_size)")
     args = ap.parse_args()
@@ -129,20 +131,21 @@ def main() -> None:
     budget = Budget(size_bytes=bound, batch=args.batch, threads=args.threads,
                     latency_budget_s=0.1 if args.smoke else 0.4)
     ft = ts.TrainConfig(epochs=epochs)
-    emit("config", model=args.model, quick=args.quick, smoke=args.smoke, fraction=args.fraction, size_bytes=bound, epochs=epochs,
+    emit("config", model=args.model, quick=args.quick, smoke=args.smoke, trials=args.trials, fraction=args.fraction, size_bytes=bound, epochs=epochs,
          seed=args.seed, threads=args.threads, load_average=list(os.getloadavg()), train=len(splits.train.y),
          val=len(splits.val.y), test=len(splits.test.y), space=space.to_dict(), torch=torch.__version__)
     start = time.time()
     r = search.search(dense, splits.train, splits.val, budget, space, finetune=ft, test=splits.test, out=out,
                       seed=args.seed, recipe_data={"dataset": "fashion-mnist", "val_size": val_size, **limits},
-                      progress=log)
+                      progress=log, trials=args.trials)
     dense_test = accuracy(dense, splits.test.x, splits.test.y)
     emit("dense", val_accuracy=r.dense.accuracy, test_accuracy=dense_test, onnx_bytes=r.dense.bytes)
     m = r.metrics
     emit("chosen", precision=r.chosen.precision, source=r.chosen.source, plan=r.chosen.plan,
          codes=r.chosen.extra.get("packed"), proxy_drop=r.chosen.drop, val_drop=m["val_drop"],
          test_accuracy=m["test_accuracy"], test_drop=100 * (dense_test - m["test_accuracy"]),
-         bytes=m.get("bytes", r.chosen.bytes), chosen_by=m.get("chosen_by"), search_seconds=r.seconds)
+         bytes=m.get("bytes", r.chosen.bytes), chosen_by=m.get("chosen_by"), search_seconds=r.seconds,
+         trial=r.chosen.extra.get("trial"))
     # What finish_packed needs of a search: a measurer over its groups, the dense accuracy, the space, the bound.
     run = SimpleNamespace(m=search.Measurer(copy.deepcopy(dense).eval(), r.groups, space, budget, splits.train.x),
                           dense_acc=r.dense.accuracy, space=space, budget=budget, groups=r.groups)
@@ -165,6 +168,9 @@ def main() -> None:
          test_accuracy=user_test, gain_of_chosen_points=100 * (m["test_accuracy"] - user_test))
     emit("summary", seconds=time.time() - start, search_seconds=r.seconds, points=len(r.points),
          packed_points=sum(p.precision == "packed" for p in r.points), bound=bound,
+         trial_packed_points=sum(p.precision == "packed" and p.source == "trial" for p in r.points),
+         trial_packed_within_bound=sum(p.precision == "packed" and p.source == "trial" and p.bytes <= bound
+                                       for p in r.points),
          chosen_bytes=m.get("bytes", r.chosen.bytes), chosen_test=m["test_accuracy"], uniform_test=u_test,
          user_test=user_test, load_average_end=list(os.getloadavg()))
 

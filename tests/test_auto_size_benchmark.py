@@ -17,6 +17,7 @@ def test_auto_size_benchmark_smoke(tmp_path):
     from torchslim.data import resolve_dataset_dir
     from torchslim.errors import DataError
 
+    pytest.importorskip("optuna")
     try:
         resolve_dataset_dir("fashion-mnist", download=False)
     except DataError:
@@ -24,7 +25,7 @@ def test_auto_size_benchmark_smoke(tmp_path):
     out = tmp_path / "run"
     # A subprocess: the script sets torch's thread pool, which a process can do only once.
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "auto_size.py"), "--smoke", "--batch", "64",
-                             "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+                             "--trials", "2", "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = {e["kind"]: e for e in (json.loads(line) for line in result.stdout.splitlines())}
     assert {"config", "dense", "chosen", "deep_compression_user", "summary"} <= set(lines)
@@ -35,6 +36,8 @@ def test_auto_size_benchmark_smoke(tmp_path):
     # The chosen file is measured after the full fine-tune and still meets the bound.
     assert chosen["bytes"] <= bound and summary["chosen_bytes"] == chosen["bytes"]
     assert summary["packed_points"] >= 1 and summary["points"] > summary["packed_points"]
+    # Each of the 2 trials (unless it drew a plan already measured) is also measured as a packed file.
+    assert 1 <= summary["trial_packed_points"] <= 2 and summary["trial_packed_within_bound"] <= 2
     if chosen["precision"] == "packed":
         assert set(chosen["codes"]) and all("/" in c for c in chosen["codes"].values())
     user = lines["deep_compression_user"]
