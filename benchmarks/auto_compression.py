@@ -315,8 +315,6 @@ def main() -> None:
                     "and compare its shipped file's test accuracy with the search's (a \"reproduce\" line)")
     ap.add_argument("--keep", type=float, nargs="+", help="kept fractions per group (default the space's: "
                     "1 0.75 0.5 0.375 0.25)")
-    ap.add_argument("--table-bases", type=float, nargs="*", default=[], help="uniform kept fractions around which "
-                    "the per-group drop table is measured again (SearchSpace.table_bases)")
     ap.add_argument("--round-to", type=int, default=8, help="channel counts rounded to a multiple of this")
     ap.add_argument("--tp-steps", type=int, default=7, help="bisection steps of Torch-Pruning's global ratio "
                     "(0: no Torch-Pruning baseline)")
@@ -345,8 +343,7 @@ def main() -> None:
     space = SearchSpace(**keep, round_to=args.round_to,
                         sensitivity_samples=300 if args.smoke else 1000 if args.quick else 2000,
                         max_candidates=3 if args.smoke else 10 if args.quick else 16, precision=PRECISION[args.precision],
-                        int8_layers=args.int8_layers, table_bases=args.table_bases,
-                        **({"bn_batches": 2} if args.smoke else {}))
+                        int8_layers=args.int8_layers, **({"bn_batches": 2} if args.smoke else {}))
     budget = Budget(max_drop=0.5, batch=args.batch, threads=args.threads,
                     latency_budget_s=0.1 if args.smoke else 0.4 if args.quick else 1.0)
     ft = ts.TrainConfig(epochs=epochs)

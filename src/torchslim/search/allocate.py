@@ -80,25 +80,3 @@ def pick_spread(plans: list[dict[str, int]], tables: Tables, count: int) -> list
     ordered = sorted(plans, key=lambda p: tables.predict(p)[1])
     idx = sorted({int(round(i)) for i in np.linspace(0, len(ordered) - 1, count)})
     return [ordered[i] for i in idx]
-
-
-def relinearized_plans(groups: list[GroupChoice], tables: Tables, based: list[tuple[dict[str, int], Tables]],
-                       n_lambdas: int = 48) -> list[dict[str, int]]:
-    """A Lagrangian sweep per table, each kept where its table was measured.
-
-    ``based`` pairs a cut base plan with the table measured around it
-    (:func:`~torchslim.search.sensitivity.build_base_tables`). Each table's region is the
-    predicted-latency interval around its base (dense: 1.0), split at the geometric means of
-    neighbouring bases' latencies; a table's plans outside its region are dropped (another table
-    is nearer there). Returns the union, from the most accurate to the fastest (predicted).
-    """
-    anchors = sorted([(1.0, tables), *((tables.predict(b)[1], t) for b, t in based)], key=lambda a: -a[0])
-    out: dict[tuple, tuple[float, dict[str, int]]] = {}
-    for i, (lat, t) in enumerate(anchors):
-        hi = math.sqrt(anchors[i - 1][0] * lat) if i > 0 else math.inf
-        lo = math.sqrt(anchors[i + 1][0] * lat) if i + 1 < len(anchors) else 0.0
-        for plan in lagrangian_plans(groups, t, n_lambdas):
-            pl = tables.predict(plan)[1]
-            if lo < pl <= hi:
-                out.setdefault(plan_key(plan), (pl, plan))
-    return [plan for _, plan in sorted(out.values(), key=lambda v: -v[0])]

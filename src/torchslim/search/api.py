@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from torchslim.errors import ConfigError, TorchSlimError
-from torchslim.search.allocate import lagrangian_plans, pick_spread, relinearized_plans
+from torchslim.search.allocate import lagrangian_plans, pick_spread
 from torchslim.search.budget import Budget, SearchSpace
 from torchslim.search.finalists import best_within_bound, bisect_drop, drop_candidates, finetune_seed, finish_point, \
     kd_finetune_, recovery_kd, score_on_test  # noqa: F401 (finetune_seed, kd_finetune_ re-exported)
@@ -51,7 +51,7 @@ from torchslim.search.precision import int8_config, layer_precision, measure_int
 from torchslim.search.output import chosen_recipe, plot_search, write_outputs
 from torchslim.search.packed import cached_packed_tables, packed_points, packed_twin, resolve_axes
 from torchslim.search.recipe import FINETUNE_ID, PRUNE_ID, _model_ref, recipe_document  # noqa: F401 (re-exported)
-from torchslim.search.sensitivity import Measurer, Tables, accuracy, build_base_tables, build_tables
+from torchslim.search.sensitivity import Measurer, Tables, accuracy, build_tables
 from torchslim.search.space import GroupChoice, channel_groups, dense_plan, plan_config, plan_key, uniform_plan
 
 
@@ -488,13 +488,7 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
     n = min(space.sensitivity_samples, len(run.val.y))
     tables = build_tables(m, run.val.x[:n], run.val.y[:n], say)
     dense_key = plan_key(dense_plan(groups))
-    plans = lagrangian_plans(groups, tables, space.lambdas)
-    if space.table_bases:
-        based = [(b, build_base_tables(m, b, tables, run.val.x[:n], run.val.y[:n], say))
-                 for b in {plan_key(u): u for u in (uniform_plan(groups, f, space.round_to) for f in space.table_bases)
-                           if plan_key(u) != dense_key}.values()]
-        plans = relinearized_plans(groups, tables, based, space.lambdas)
-    plans = [p for p in plans if plan_key(p) != dense_key]
+    plans = [p for p in lagrangian_plans(groups, tables, space.lambdas) if plan_key(p) != dense_key]
     todo = [(p, "sweep") for p in pick_spread(plans, tables, space.max_candidates)]
     if run.uniform:
         for f in sorted(set(space.keep), reverse=True):

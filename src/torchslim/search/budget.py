@@ -117,10 +117,6 @@ class SearchSpace(Config):
         share_bits: per-layer weight-sharing bits that may be chosen (k-means codebooks of
             ``2 ** bits`` centroids; float is always a choice). None (default): ``[8, 5, 4, 3]``
             under a size budget when ``sparsity`` is None too, off otherwise; ``[]``: off.
-        table_bases: kept fractions of uniform plans around which the per-group drop table is
-            measured again (:func:`~torchslim.search.sensitivity.build_base_tables`): the sweep
-            near each such plan uses that table rather than the dense model's. ``[]``: the dense
-            model's table alone. Each costs one accuracy evaluation per group and kept count.
         packed_bases: channel plans the two axes above are searched on: the dense model and
             ``packed_bases - 1`` fp32 plans spread over the latency front. Each costs one
             per-layer table (a layer's every choice scored on the sensitivity subset).
@@ -146,7 +142,6 @@ class SearchSpace(Config):
     sparsity: list[float] | None = None
     share_bits: list[int] | None = None
     packed_bases: int = Field(2, ge=1, le=64)
-    table_bases: list[float] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_keep(self) -> "SearchSpace":
@@ -155,9 +150,6 @@ class SearchSpace(Config):
         for k in self.keep:
             if not 0.0 < k <= 1.0:
                 raise ValueError(f"keep fractions must be in (0, 1], got {k}")
-        for f in self.table_bases:
-            if not 0.0 < f < 1.0:
-                raise ValueError(f"table_bases fractions must be in (0, 1) (the dense table is always built), got {f}")
         for v in self.sparsity or []:
             if not 0.0 < v < 1.0:
                 raise ValueError(f"sparsity choices must be in (0, 1) (0, unpruned, is always a choice), got {v}")

@@ -163,16 +163,15 @@ class Tables:
     dense_accuracy: float
     drop: dict[str, dict[int, float]]
     latency: dict[str, dict[int, float]]
-    offset: float = 0.0  # the base plan's own drop, for tables measured around a cut base (build_base_tables)
 
     def predict(self, plan: dict[str, int]) -> tuple[float, float]:
         """Predicted (accuracy drop in points, latency as a fraction of dense).
 
-        Drops add up (from ``offset``). Latency changes multiply: a conv whose input group and output group are
+        Drops add up. Latency changes multiply: a conv whose input group and output group are
         both cut shrinks by the product of the two fractions, so adding the two changes would
         count the shared layer's saving twice (and predicts negative latencies for deep cuts).
         """
-        d = self.offset + sum(self.drop[g][k] for g, k in plan.items() if k in self.drop.get(g, {}))
+        d = sum(self.drop[g][k] for g, k in plan.items() if k in self.drop.get(g, {}))
         t = 1.0
         for g, k in plan.items():
             t *= 1.0 + self.latency.get(g, {}).get(k, 0.0)
@@ -204,32 +203,3 @@ def build_tables(m: Measurer, val_x: torch.Tensor, val_y: torch.Tensor,
             say(f"sensitivity {g.label}: keep {keep}/{g.size}: drop {drop[g.label][keep]:+.2f} points, "
                 f"latency {lat[g.label][keep]:+.1%}")
     return Tables(dense_acc, drop, lat)
-
-
-def build_base_tables(m: Measurer, base: dict[str, int], tables: Tables, val_x: torch.Tensor, val_y: torch.Tensor,
-                      progress: Callable[[str], None] | None = None) -> Tables:
-    """The drop table measured again around a cut ``base`` plan: each group moved alone to each of its
-    kept counts, every other group as ``base`` has it.
-
-    The dense model's table is a linearisation at the dense model; far from it the drops are not
-    additive (on fmnist_teacher, every group at half its channels loses 35 points right after the
-    cut where the dense table's sum predicts 14, and a cut that the dense table calls free costs 9
-    points there), so a sweep over it misplaces the plans it builds there. Drops here are relative
-    to ``base`` (``offset`` holds its own drop, so :meth:`Tables.predict` still gives the drop from
-    the dense model); latency changes are ``tables``' (they compose by multiplication, which the
-    end-to-end timings confirm to a few hundredths). Cost: one accuracy evaluation per entry, no timing.
-    """
-    say = progress or (lambda s: None)
-    base_acc = accuracy(m.build(base), val_x, val_y)
-    drop: dict[str, dict[int, float]] = {}
-    for g in m.groups:
-        drop[g.label] = {}
-        for keep in g.keeps:
-            if keep == base[g.label]:
-                drop[g.label][keep] = 0.0
-                continue
-            drop[g.label][keep] = 100.0 * (base_acc - accuracy(m.build({**base, g.label: keep}), val_x, val_y))
-    offset = 100.0 * (tables.dense_accuracy - base_acc)
-    say(f"sensitivity around {base}: base drop {offset:+.2f} points; "
-        + "; ".join(f"{g}: " + ", ".join(f"{k} {v:+.1f}" for k, v in d.items() if k != base[g]) for g, d in drop.items()))
-    return Tables(base_acc, drop, tables.latency, offset)
