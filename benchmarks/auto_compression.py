@@ -115,7 +115,7 @@ def _point(p) -> dict:
 
 def compare_uniform(points) -> list[dict]:
     """Per uniform plan: the best sweep point at equal (or lower) latency, and the fastest at equal accuracy."""
-    sweep = [p for p in points if p.source in ("sweep", "dense", "trial")]  # the searched side, refined or not
+    sweep = [p for p in points if p.source in ("sweep", "global", "dense", "trial")]  # the searched side
     rows = []
     for u in sorted((p for p in points if p.source == "uniform"), key=lambda p: p.latency_ratio):
         faster = [p for p in sweep if p.latency_ratio <= u.latency_ratio]

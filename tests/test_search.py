@@ -184,3 +184,43 @@ def test_a_macs_bound_chooses_among_plans_timed_slower_than_the_dense_model(mode
     assert [p.source for p in r.front] == ["dense"]  # every cut plan was timed slower
     assert r.chosen.source != "dense" and r.chosen.macs <= 0.9 * r.dense.macs
 
+
+
+def test_global_plan_cuts_the_group_whose_channels_rank_lowest_across_groups():
+    from torchslim.search.space import global_plan, uniform_plan
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10))
+    with torch.no_grad():
+        net[0].weight.fill_(0.01)
+        net[0].weight[:2] = 1.0  # two strong filters, six weak ones
+        net[2].weight.zero_()  # the weights that read group 0 add nothing to its channels' scores
+        net[5].weight.fill_(0.1)  # group 1's channels all alike
+    space = SearchSpace(keep=[1.0, 0.75, 0.5, 0.25])
+    example = torch.randn(1, 1, 8, 8)
+    groups = channel_groups(net, example, space)
+    assert [g.label for g in groups] == ["0", "2"]
+    plan = global_plan(net, example, groups, 0.5, space)
+    # Half of the 16 channels go, the lowest on mean-normalised scores first: group 0's six weak ones.
+    assert plan == {"0": 2, "2": 6}
+    assert uniform_plan(groups, 0.5) == {"0": 4, "2": 4}
+    assert all(plan[g.label] in g.keeps for g in groups)
+
+
+def test_the_search_measures_the_global_rankings_plans_too(model, splits):
+    space = SearchSpace(keep=[1.0, 0.5], bn_batches=1, max_candidates=1, precision=["fp32"])
+    r = search.search(model, splits.train, splits.val, Budget(macs=0.8, batch=16, latency_budget_s=0.01), space,
+                      uniform=False)
+    from torchslim.search.space import global_plan
+
+    globals_ = [p for p in r.points if p.source == "global"]
+    sweep = [p for p in r.points if p.source == "sweep"]
+    expected = global_plan(model, splits.train.x[:1], r.groups, 0.5, space)
+    assert len(sweep) == 1
+    if expected == sweep[0].plan:  # never measured twice
+        assert globals_ == []
+    else:
+        assert [p.plan for p in globals_] == [expected]
+        assert globals_[0].macs < r.dense.macs and globals_[0].latency_ratio > 0

@@ -52,7 +52,8 @@ from torchslim.search.output import chosen_recipe, plot_search, write_outputs
 from torchslim.search.packed import cached_packed_tables, packed_points, packed_twin, resolve_axes
 from torchslim.search.recipe import FINETUNE_ID, PRUNE_ID, _model_ref, recipe_document  # noqa: F401 (re-exported)
 from torchslim.search.sensitivity import Measurer, Tables, accuracy, build_tables
-from torchslim.search.space import GroupChoice, channel_groups, dense_plan, plan_config, plan_key, uniform_plan
+from torchslim.search.space import GroupChoice, channel_groups, dense_plan, global_plan, plan_config, plan_key, \
+    uniform_plan
 
 
 
@@ -490,6 +491,10 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
     dense_key = plan_key(dense_plan(groups))
     plans = [p for p in lagrangian_plans(groups, tables, space.lambdas) if plan_key(p) != dense_key]
     todo = [(p, "sweep") for p in pick_spread(plans, tables, space.max_candidates)]
+    for f in sorted({f for f in space.keep if f < 1}, reverse=True):  # the peers' global ranking, as candidates
+        g = global_plan(m.dense, m.example[:1], groups, f, space)
+        if plan_key(g) not in {plan_key(p) for p, _ in todo} | {dense_key}:
+            todo.append((g, "global"))
     if run.uniform:
         for f in sorted(set(space.keep), reverse=True):
             u = uniform_plan(groups, f, space.round_to)

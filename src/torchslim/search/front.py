@@ -16,8 +16,9 @@ class Point:
 
     Attributes:
         plan: ``{group label: kept channels}``.
-        source: ``"dense"``, ``"sweep"`` (the Lagrangian allocation), ``"uniform"`` (baseline) or
-            ``"trial"`` (an Optuna trial refining the front, ``extra["trial"]`` its number).
+        source: ``"dense"``, ``"sweep"`` (the Lagrangian allocation), ``"global"`` (a global
+            importance ranking's widths, :func:`~torchslim.search.space.global_plan`), ``"uniform"``
+            (baseline) or ``"trial"`` (an Optuna trial refining the front, ``extra["trial"]`` its number).
         accuracy: validation accuracy in [0, 1] after the cut and BatchNorm re-estimation, or after
             the search's trial fine-tune when it has one (``extra["trial_finetune_epochs"]``).
         drop: accuracy points lost against the dense model (validation).
@@ -97,7 +98,8 @@ def plot_front(path: str | Path, points: list[Point], front: list[Point], chosen
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     where = (lambda p: p.latency_ratio) if x == "latency" else (lambda p: p.bytes)  # noqa: E731
-    for source, marker, colour in (("sweep", "o", "tab:blue"), ("uniform", "s", "tab:orange"),
+    for source, marker, colour in (("sweep", "o", "tab:blue"), ("global", "v", "tab:purple"),
+                                   ("uniform", "s", "tab:orange"),
                                    ("trial", "^", "tab:green"), ("dense", "D", "black")):
         for precision in ("fp32", "int8", "packed"):
             pts = [p for p in points if p.source == source and p.precision == precision]

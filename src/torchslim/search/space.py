@@ -109,3 +109,22 @@ def plan_key(plan: dict[str, int]) -> tuple[tuple[str, int], ...]:
 def uniform_plan(groups: list[GroupChoice], fraction: float, round_to: int = 1) -> dict[str, int]:
     """The same kept fraction in every group (rounded like the space's choices): the baseline a search must beat."""
     return {g.label: _kept_counts(g.size, [fraction], round_to)[-1] if fraction < 1 else g.size for g in groups}
+
+
+def global_plan(model: nn.Module, example: Any, groups: list[GroupChoice], fraction: float,
+                space: Any) -> dict[str, int]:
+    """The widths a global importance ranking gives (Torch-Pruning's and NNI's global pruning), in the space.
+
+    ``1 - fraction`` of the prunable channels removed, the least important first on
+    mean-normalised ``space.importance`` scores ranked across groups
+    (:class:`~torchslim.prune.structured.ChannelPruning` with ``scope="global"``); each
+    searchable group's kept count is then snapped to its nearest allowed width. The search
+    measures these plans beside its own, so its front is never behind what a user of those
+    tools would pick by the same proxy.
+    """
+    from torchslim.prune.structured import prune_channels
+
+    cfg = ChannelPruning(ratio=1.0 - fraction, scope="global", importance=space.importance,
+                         exclude=list(space.exclude), max_ratio=_MAX_RATIO)
+    removed = prune_channels(model, example, cfg).report.steps[0]["removed"]
+    return {g.label: min(g.keeps, key=lambda k: (abs(k - (g.size - removed.get(g.label, 0))), -k)) for g in groups}
