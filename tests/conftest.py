@@ -50,6 +50,17 @@ def digits_teacher(train, epochs: int) -> torch.nn.Module:
     return copy.deepcopy(held[1])
 
 
+def require_fashion_mnist() -> None:
+    """Skip the calling test when Fashion-MNIST's files are not on this machine (nothing is downloaded)."""
+    from torchslim.data import resolve_dataset_dir
+    from torchslim.errors import DataError
+
+    try:
+        resolve_dataset_dir("fashion-mnist", download=False)
+    except DataError:
+        pytest.skip("Fashion-MNIST is not available offline")
+
+
 @pytest.fixture(scope="session")
 def splits():
     """sklearn's digits (train / val / test), loaded once: the search tests' data (read, never changed)."""

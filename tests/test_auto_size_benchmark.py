@@ -9,19 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_fashion_mnist
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_auto_size_benchmark_smoke(tmp_path):
-    from torchslim.data import resolve_dataset_dir
-    from torchslim.errors import DataError
-
     pytest.importorskip("optuna")
-    try:
-        resolve_dataset_dir("fashion-mnist", download=False)
-    except DataError:
-        pytest.skip("Fashion-MNIST is not available offline")
+    require_fashion_mnist()
     out = tmp_path / "run"
     # A subprocess: the script sets torch's thread pool, which a process can do only once.
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "auto_size.py"), "--smoke", "--batch", "64",

@@ -10,18 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_fashion_mnist
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_unstructured_pruning_benchmark_quick(tmp_path, capsys):
-    from torchslim.data import resolve_dataset_dir
-    from torchslim.errors import DataError
-
-    try:
-        resolve_dataset_dir("fashion-mnist", download=False)
-    except DataError:
-        pytest.skip("Fashion-MNIST is not available offline")
+    require_fashion_mnist()
     module = runpy.run_path(str(ROOT / "benchmarks" / "unstructured_pruning.py"))
     png = tmp_path / "plot.png"
     assert module["main"](["--quick", "--sparsities", "0.9", "--train-limit", "2000", "--plot", str(png)]) == 0

@@ -9,18 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_fashion_mnist
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_deep_compression_benchmark_quick(tmp_path):
-    from torchslim.data import resolve_dataset_dir
-    from torchslim.errors import DataError
-
-    try:
-        resolve_dataset_dir("fashion-mnist", download=False)
-    except DataError:
-        pytest.skip("Fashion-MNIST is not available offline")
+    require_fashion_mnist()
     # A subprocess: the script sets torch's thread pool, which a process can do only once.
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "deep_compression.py"), "--quick",
                              "--models", "lenet300_100,fmnist_student", "--train-limit", "1000", "--threads", "1",

@@ -9,18 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_fashion_mnist
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_robustness_benchmark_quick():
-    from torchslim.data import resolve_dataset_dir
-    from torchslim.errors import DataError
-
-    try:
-        resolve_dataset_dir("fashion-mnist", download=False)
-    except DataError:
-        pytest.skip("Fashion-MNIST is not available offline")
+    require_fashion_mnist()
     # A subprocess: the script sets torch's thread pools, which a process can do only once. Two
     # workers, so the jobs' way through other processes (how the full matrix runs) is exercised.
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "robustness.py"), "--quick", "--workers", "2"],
