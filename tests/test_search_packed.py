@@ -249,3 +249,9 @@ def test_each_trial_under_a_size_bound_is_also_measured_as_a_packed_file(splits)
         twin = next(p for p in trial_fp32 if p.extra["trial"] == q.extra["trial"])
         assert q.plan == twin.plan and set(q.extra["packed"]) and q.bytes < twin.bytes
     assert any("packed file of that model" in line for line in lines)
+    # "best feasible so far" counts the stage-one packed files too (the only feasible points of stage one here).
+    import re
+
+    first = next(line for line in lines if line.startswith("[trial 1/"))
+    stage_one = max(100 * p.accuracy for p in r.points if p.source != "trial" and p.bytes <= 8000)
+    assert float(re.search(r"best feasible so far: ([\d.]+)%", first).group(1)) >= round(stage_one, 2)

@@ -542,7 +542,7 @@ def _refine(run: _Run, dense: Point, tables: Tables, points: list[Point], trials
 
     # Trials sample fp32 channel plans: an int8 point is neither a seed nor a duplicate of a trial, but
     # each trial's model is also measured as int8 (with that precision) and that point joins the front.
-    points = [p for p in points if p.precision == "fp32"]
+    shown, points = points, [p for p in points if p.precision == "fp32"]
     front = pareto_front(points)
     space = st.Space.around(run.groups, front, run.study_cfg.radius)
     seeds = st.seeds_for(points, space, run.budget, dense)
@@ -563,7 +563,7 @@ def _refine(run: _Run, dense: Point, tables: Tables, points: list[Point], trials
         return out + ([_say_int8(q, say, "packed file of that model")] if q is not None else [])
 
     ran = st.refine(study, space, trials, measure, run.budget, dense, points, folder, say, wait=wait,
-                    poll_s=run.study_cfg.poll_s, twins=twins if int8 or packed else None)
+                    poll_s=run.study_cfg.poll_s, twins=twins if int8 or packed else None, shown=shown)
     found = st.trial_points(study)
     say(f"study {run.study_cfg.study_name!r}: this process ran {ran} trial(s); {len(found)} distinct trial points")
     return found, ran

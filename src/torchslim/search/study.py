@@ -404,7 +404,8 @@ def trial_points(study: Any) -> list[Point]:
 
 def refine(study: Any, space: Space, n: int, measure: Callable[[dict[str, int]], Point], budget: Any, dense: Point,
            known: list[Point], folder: Path | None, say: Callable[[str], None], *, wait: bool = True,
-           poll_s: float = 1.0, twins: Callable[[Point], list[Point]] | None = None) -> int:
+           poll_s: float = 1.0, twins: Callable[[Point], list[Point]] | None = None,
+           shown: list[Point] | None = None) -> int:
     """Run trials of ``study`` until it has ``n`` finished ones (its own; the seeds do not count).
 
     Args:
@@ -413,14 +414,17 @@ def refine(study: Any, space: Space, n: int, measure: Callable[[dict[str, int]],
         n: finished trials wanted in the study, over every worker (resuming counts what is there).
         measure: builds, fine-tunes and measures a plan (``source="trial"``).
         budget / dense: for the objectives, the constraint and "best feasible so far".
-        known: points measured before the study (stage one), for "best feasible so far".
+        known: the stage-one points of the study's kind (fp32 plans): a trial drawing one of their
+            plans is recorded, not measured again.
         folder: the run folder (``trials.jsonl`` is appended to), or None.
         say: one line per trial.
         wait: when the remaining trials run in other workers, wait for them to finish (the
             process that finishes the search does); False: return (a worker that only helps).
         poll_s: seconds between looks at the study while waiting.
-        twins: more points of a trial's model (its int8 file), measured after it: they join the
-            front (:func:`trial_points`) but not the study's objectives, which are the plan's.
+        twins: more points of a trial's model (its int8 or packed file), measured after it: they join
+            the front (:func:`trial_points`) but not the study's objectives, which are the plan's.
+        shown: every stage-one point, for "best feasible so far" (default ``known``; under a size
+            bound the packed points are the feasible ones).
 
     Returns:
         How many trials this process ran.
@@ -480,7 +484,7 @@ def refine(study: Any, space: Space, n: int, measure: Callable[[dict[str, int]],
             # One short write in append mode: lines from several workers do not interleave.
             with open(folder / "trials.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, default=float) + "\n")
-        say(_progress_line(study, optuna, p, n, budget, dense, known, start, ran))
+        say(_progress_line(study, optuna, p, n, budget, dense, known if shown is None else shown, start, ran))
 
 
 def _twin(study: Any, optuna: Any, plan: dict[str, int], known: list[Point]) -> tuple[Any, Point] | None:
