@@ -231,18 +231,28 @@ def tp_at_latency(m, teacher, target: float, precision: str, space, q_cfg, split
 def uniform_at_accuracy(run, uniform: list, p, target_drop: float, splits, ft, steps: int) -> dict:
     """The fastest uniform plan as accurate as the chosen one after the same fine-tune (validation).
 
-    The uniform points (either precision), fastest first, are bisected like the search's finalists
+    Per precision, the uniform points, fastest first, are bisected like the search's finalists
     (:func:`~torchslim.search.finalists.bisect_drop`): a probe is fine-tuned (and quantized, when
     int8) exactly as the chosen point was, and matches when its validation drop is at most the
-    chosen one's. ``speedup`` is the match's measured latency over the chosen point's (both
-    against the dense fp32 file); None when no probe matched within ``steps``.
+    chosen one's. The bisection takes accuracy to rise with latency, which holds within one
+    precision, not across them (an int8 plan can be faster and more accurate than a smaller fp32
+    one). ``speedup`` is the fastest match's measured latency over the chosen point's (both
+    against the dense fp32 file); None when no probe matched; 1.0 when the chosen point is itself
+    a uniform plan.
     """
-    ladder = sorted(uniform, key=lambda q: q.latency_ratio)
-    win, tried = bisect_drop(ladder, target_drop, lambda q: finish_point(run, q, splits.train, splits.val, ft, None, 0),
-                             steps, log)
-    return {"chosen_latency_ratio": p.latency_ratio, "chosen_val_drop": target_drop,
-            "uniform": [{"precision": f.point.precision, "latency_ratio": f.point.latency_ratio,
-                         "val_drop": f.metrics["val_drop"], "matches": f.feasible} for f in tried],
+    out = {"chosen_latency_ratio": p.latency_ratio, "chosen_val_drop": target_drop}
+    if p.source == "uniform":
+        return {**out, "uniform": [], "match_latency_ratio": p.latency_ratio, "speedup": 1.0}
+    tried, wins = [], []
+    for precision in sorted({q.precision for q in uniform}):
+        ladder = sorted((q for q in uniform if q.precision == precision), key=lambda q: q.latency_ratio)
+        win, probes = bisect_drop(ladder, target_drop,
+                                  lambda q: finish_point(run, q, splits.train, splits.val, ft, None, 0), steps, log)
+        tried += probes
+        wins += [win] if win is not None else []
+    win = min(wins, key=lambda f: f.point.latency_ratio, default=None)
+    return {**out, "uniform": [{"precision": f.point.precision, "latency_ratio": f.point.latency_ratio,
+                                "val_drop": f.metrics["val_drop"], "matches": f.feasible} for f in tried],
             "match_latency_ratio": win.point.latency_ratio if win else None,
             "speedup": win.point.latency_ratio / p.latency_ratio if win else None}
 
