@@ -477,7 +477,7 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
         if d8:  # the int8 twins' settings, the per-layer sweep's choice included
             run.int8_cfg = int8_config(run.space).model_copy(
                 update={"exclude": tuple(d8[0].extra["int8"]["excluded"])})
-        if folder is not None:
+        if folder is not None and any(run.packed_axes):  # the cache is read again only when they can exist
             run.packed_tables = cached_packed_tables(folder, run.key)
         say(f"stage one (tables, {len(points) - 1} measured points) reused from the run folder / study")
         return dense, tables, points
