@@ -87,7 +87,7 @@ import torchslim as ts
 import torchslim.search as search
 from torchslim.search import Budget, InfeasibleBudget, SearchSpace, choose
 from torchslim.search.api import finetune_seed, kd_finetune_
-from torchslim.search.finalists import best_within_bound, bisect_drop, finish_point
+from torchslim.search.finalists import best_within_bound, bisect_drop, finish_point, recovery_finetune
 from torchslim.search.finetunes import open_finetune_store
 from torchslim.search.precision import finish_int8, int8_config
 from torchslim.search.sensitivity import accuracy
@@ -356,7 +356,9 @@ def main() -> None:
                         int8_layers=args.int8_layers, **({"bn_batches": 2} if args.smoke else {}))
     budget = Budget(max_drop=0.5, batch=args.batch, threads=args.threads,
                     latency_budget_s=0.1 if args.smoke else 0.4 if args.quick else 1.0)
-    ft = ts.TrainConfig(epochs=epochs)
+    # Written out as the search trains (recovery_finetune): the baselines' fine-tunes (Torch-Pruning's,
+    # the hand-written Deep Compression) get exactly the same config.
+    ft = recovery_finetune(ts.TrainConfig(epochs=epochs))
     data = {"dataset": "fashion-mnist", "val_size": val_size, **limits}
     emit("config", model=args.model, quick=args.quick, smoke=args.smoke, precision=args.precision,
          load_average=list(os.getloadavg()), trial_samples=args.trial_samples, trials=args.trials,

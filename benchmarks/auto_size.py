@@ -50,7 +50,7 @@ from torch.nn.utils import prune as torch_prune
 import torchslim as ts
 import torchslim.search as search
 from torchslim.search import Budget, SearchSpace
-from torchslim.search.finalists import finetune_seed, kd_finetune_
+from torchslim.search.finalists import finetune_seed, kd_finetune_, recovery_finetune
 from torchslim.search.packed import SHARE_ID, compressible_layers, finish_packed, packed_size, share_finetune
 from torchslim.search.recipe import FINETUNE_ID
 from torchslim.search.sensitivity import accuracy
@@ -130,7 +130,9 @@ def main() -> None:
     bound = int(args.fraction * len(probe.dense_file()))
     budget = Budget(size_bytes=bound, batch=args.batch, threads=args.threads,
                     latency_budget_s=0.1 if args.smoke else 0.4)
-    ft = ts.TrainConfig(epochs=epochs)
+    # Written out as the search trains (recovery_finetune): the baselines' fine-tunes (Torch-Pruning's,
+    # the hand-written Deep Compression) get exactly the same config.
+    ft = recovery_finetune(ts.TrainConfig(epochs=epochs))
     emit("config", model=args.model, quick=args.quick, smoke=args.smoke, trials=args.trials, fraction=args.fraction, size_bytes=bound, epochs=epochs,
          seed=args.seed, threads=args.threads, load_average=list(os.getloadavg()), train=len(splits.train.y),
          val=len(splits.val.y), test=len(splits.test.y), space=space.to_dict(), torch=torch.__version__)

@@ -191,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dense-epochs", type=int, default=None, help="dense training before pruning (default 5)")
     p.add_argument("--schedule", default=None,
                    help="override TrainConfig.schedule on every torchslim side (to measure a candidate default)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="set TrainConfig.lr on every torchslim side (with --schedule: an earlier default written out)")
     p.add_argument("--kd-variants", default="",
                    help="extra torchslim KD sides, ';'-separated: 'kd:T:alpha' or 'dkd:T:nckd' (candidate defaults)")
     p.add_argument("--skip-peers", action="store_true", help="torchslim sides only (the peers do not change)")
@@ -224,9 +226,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_config(args, epochs: int) -> ts.TrainConfig:
-    """What a user writes: ``TrainConfig(epochs=E)``; ``--schedule`` measures a candidate default."""
-    return ts.TrainConfig(epochs=epochs) if args.schedule is None else ts.TrainConfig(epochs=epochs,
-                                                                                     schedule=args.schedule)
+    """What a user writes: ``TrainConfig(epochs=E)``; ``--schedule`` / ``--lr`` measure a candidate (or an earlier)
+    default: a field given is kept as given, also by the pruned-model rule."""
+    given = {k: v for k, v in (("schedule", args.schedule), ("lr", args.lr)) if v is not None}
+    return ts.TrainConfig(epochs=epochs, **given)
 
 
 def kd_variants(text: str) -> list[tuple[str, Any]]:
@@ -357,16 +360,19 @@ def cell_channels(args, rec: Recorder, models: list[str], dense: dict, rows: lis
                 for seed in args.seeds:
                     d = dense[(name, seed)]
                     macs = count_macs(d, x)
+                    # The same fine-tune for both sides: what fit picks for torchslim's cut model (the
+                    # pruned-model rule), written out, as fit cannot tell Torch-Pruning's model was cut.
+                    tune = train_config(args, epochs).for_pruned_model()
                     t0 = time.perf_counter()
                     m = ts.prune_channels(d, x, ts.ChannelPruning(target_macs=1 / factor)).model
                     ratio = count_macs(m, x) / macs
-                    ts.fit(m, train, train_config(args, epochs), seed=seed, progress=False)
+                    ts.fit(m, train, tune, seed=seed, progress=False)
                     rec.run(key, "torchslim", seed, m, time.perf_counter() - t0, macs_ratio=ratio)
                     if not args.skip_peers:
                         t0 = time.perf_counter()
                         m, tp_ratio = tp_at_macs(d, x, 1 / factor)
                         ratio = count_macs(m, x) / macs
-                        ts.fit(m, train, train_config(args, epochs), seed=seed, progress=False)
+                        ts.fit(m, train, tune, seed=seed, progress=False)
                         rec.run(key, "torch_pruning", seed, m, time.perf_counter() - t0, macs_ratio=ratio,
                                 pruning_ratio=tp_ratio)
                 compare(rec, key, "torchslim", "torch_pruning", rows)
@@ -461,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
           "models": per_cell, "budgets": args.budgets, "seeds": args.seeds, "sparsities": args.sparsities,
           "factors": args.factors, "dense_epochs": args.dense_epochs, "threads": args.threads,
           "workers": args.workers, "torchslim_train_config": train_config(args, 1).model_dump(),
-          "schedule_override": args.schedule,
+          "schedule_override": args.schedule, "lr_override": args.lr,
           "kd_default": ts.KDConfig().model_dump(), "dkd_default": ts.DKDConfig().model_dump(),
           "torch": torch.__version__, "torchslim": ts.__version__, "python": platform.python_version(),
           "torch_pruning": have_tp, "quick": args.quick})

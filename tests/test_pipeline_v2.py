@@ -212,8 +212,8 @@ def test_a_written_recipe_reads_back_with_the_same_train_rules():
     assert shown["stages"][1]["train"] == {"epochs": 2, "lr": 0.01} and shown["stages"][2]["train"] == {"epochs": 2}
     back = parse_recipe(shown)
     assert back == recipe
-    assert [s.train.for_masked_model().lr for s in back.stages[1:]] == [0.01, 3e-3]
-    assert back.stages[2].train.for_masked_model().schedule == "flat_cosine"
+    assert [s.train.for_pruned_model().lr for s in back.stages[1:]] == [0.01, 3e-3]
+    assert back.stages[2].train.for_pruned_model().schedule == "flat_cosine"
 
 
 def test_a_migrated_v1_train_section_keeps_only_what_it_gave():
@@ -224,11 +224,11 @@ def test_a_migrated_v1_train_section_keeps_only_what_it_gave():
     stages = {s.kind: s for s in parse_recipe(doc).stages}
     tune = stages["finetune"].train
     assert tune.model_fields_set == {"epochs", "batch_size"}
-    assert (tune.for_masked_model().lr, tune.for_masked_model().schedule) == (3 * tune.lr, "flat_cosine")
+    assert (tune.for_pruned_model().lr, tune.for_pruned_model().schedule) == (3 * tune.lr, "flat_cosine")
     assert stages["train"].train.model_fields_set == {"epochs"} and stages["train"].train.schedule == "constant"
     again = parse_recipe({**doc, "finetune": {"train": {"epochs": 4, "lr": 0.002}}})
     given = next(s for s in again.stages if s.kind == "finetune").train
-    assert given.for_masked_model().lr == 0.002
+    assert given.for_pruned_model().lr == 0.002
 
 
 def test_v1_val_size_becomes_a_count_or_a_fraction():

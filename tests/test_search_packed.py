@@ -156,22 +156,24 @@ def test_the_emitted_recipe_prunes_fine_tunes_shares_and_packs(searched):
     shared = next(s for s in r.recipe["stages"] if s["kind"] == "share_weights")
     assert shared["teacher"] == "dense" and shared["train"]["epochs"] == 1
     assert set(shared["method"]["overrides"]) == set(r.chosen.extra["packed"])
-    # The recipe writes every field, so it carries what fit picked as the search trained: flat_cosine
-    # for a pruned (masked) model, the 1-epoch budget rule's constant for one that is only shared.
+    # The recipe writes every field, so it carries what the search trained with: the pruned-model
+    # rule (flat_cosine) for the weights' fine-tune and the centroids' alike.
     tuned = next(s for s in r.recipe["stages"] if s["kind"] == "finetune")
-    schedule = "flat_cosine" if "prune" in kinds else "constant"
-    assert (tuned["train"]["lr"], tuned["train"]["schedule"], shared["train"]["schedule"]) == (3e-3, schedule, schedule)
+    assert (tuned["train"]["lr"], tuned["train"]["schedule"], shared["train"]["schedule"]) == \
+        (3e-3, "flat_cosine", "flat_cosine")
 
 
-def test_a_pruning_plan_fine_tunes_with_the_masked_model_rule_written_out():
-    from torchslim.search.packed import packed_finetune
-    from torchslim.train.config import MASKED_LR_FACTOR
+def test_every_search_fine_tune_gets_the_pruned_model_rule_written_out():
+    from torchslim.search.finalists import recovery_finetune
+    from torchslim.train.config import PRUNED_LR_FACTOR
 
     plain = ts.TrainConfig(epochs=2)
-    sparse = packed_finetune(plain, {"fc": (0.9, None)})
-    assert (sparse.lr, sparse.schedule) == (plain.lr * MASKED_LR_FACTOR, "flat_cosine")
-    assert {"lr", "schedule"} <= sparse.model_fields_set  # written into the recipe, kept by its replay
-    assert packed_finetune(plain, {"fc": (0.0, 4)}) is plain  # sharing alone leaves no masks
+    tuned = recovery_finetune(plain)
+    assert (tuned.lr, tuned.schedule) == (plain.lr * PRUNED_LR_FACTOR, "flat_cosine")
+    assert {"lr", "schedule"} <= tuned.model_fields_set  # written into the recipe, kept by its replay
+    assert recovery_finetune(tuned) is tuned and recovery_finetune(None) is None
+    given = ts.TrainConfig(epochs=2, lr=0.01, schedule="cosine")
+    assert recovery_finetune(given) is given
 
 
 def test_a_packed_axis_under_a_latency_budget_is_refused_before_anything_is_measured(splits):

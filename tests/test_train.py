@@ -227,7 +227,7 @@ def test_a_masked_model_fine_tunes_at_three_times_the_rate_flat_then_cosine_unle
     # After pruning, 3x the rate held for half the steps then cosine beat 1x constant and plain
     # cosine at 98 % (benchmarks/README.md, robustness, fifth round).
     from torchslim.prune import UnstructuredPruning, prune_
-    from torchslim.train.config import MASKED_LR_FACTOR
+    from torchslim.train.config import PRUNED_LR_FACTOR
 
     def lrs(config, masked):
         torch.manual_seed(0)
@@ -238,15 +238,34 @@ def test_a_masked_model_fine_tunes_at_three_times_the_rate_flat_then_cosine_unle
 
     two = TrainConfig(epochs=2, batch_size=8)
     assert two.schedule == "constant"
-    fixed = two.for_masked_model()
-    assert (fixed.lr, fixed.schedule) == (two.lr * MASKED_LR_FACTOR, "flat_cosine")
-    assert fixed.for_masked_model().lr == fixed.lr  # fitting again does not multiply twice
+    fixed = two.for_pruned_model()
+    assert (fixed.lr, fixed.schedule) == (two.lr * PRUNED_LR_FACTOR, "flat_cosine")
+    assert fixed.for_pruned_model().lr == fixed.lr  # fitting again does not multiply twice
     masked = lrs(two, masked=True)
     # The record is the rate after the epoch's last step: still flat after the first half, then 0.
-    assert masked == pytest.approx([two.lr * MASKED_LR_FACTOR, 0.0], abs=1e-6)
+    assert masked == pytest.approx([two.lr * PRUNED_LR_FACTOR, 0.0], abs=1e-6)
     assert lrs(two, masked=False) == [two.lr] * 2  # from scratch: the budget rule, constant
     given = TrainConfig(epochs=2, batch_size=8, lr=0.01, schedule="constant")
-    assert given.for_masked_model() is given and lrs(given, masked=True) == [0.01] * 2
+    assert given.for_pruned_model() is given and lrs(given, masked=True) == [0.01] * 2
+
+
+def test_a_model_with_channels_removed_fine_tunes_by_the_pruned_model_rule_also_after_loading(tmp_path):
+    # The rule beat 1x constant after channel removal too (benchmarks/README.md, robustness, seventh round).
+    import torchslim as ts
+    from torchslim.core.transforms import channels_removed
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    cut = ts.prune_channels(dense, torch.randn(1, 4), ts.ChannelPruning(target_macs=0.5)).model
+    assert channels_removed(cut) and not channels_removed(dense)
+    two = TrainConfig(epochs=2, batch_size=8)
+    lrs = lambda m: [r["lr"] for r in fit(m, _blobs_for_default(), two, progress=False)]  # noqa: E731
+    assert lrs(copy.deepcopy(cut)) == pytest.approx([3 * two.lr, 0.0], abs=1e-6)
+    assert lrs(copy.deepcopy(dense)) == [two.lr] * 2
+    ts.save(cut, tmp_path / "cut.slim")
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    loaded = ts.load(tmp_path / "cut.slim", model=fresh)
+    assert channels_removed(loaded) and lrs(loaded) == pytest.approx([3 * two.lr, 0.0], abs=1e-6)
 
 
 def test_flat_cosine_holds_the_rate_for_half_the_steps_then_falls_to_zero():

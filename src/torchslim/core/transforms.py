@@ -142,6 +142,12 @@ def get_transforms(model: nn.Module) -> list[Record]:
     return [dict(r) for r in (getattr(model, TRANSFORMS_ATTR, None) or [])]
 
 
+def channels_removed(model: nn.Module) -> bool:
+    """True when channels of ``model`` were removed (``prune_channels``, or a loaded model whose log says so)."""
+    return bool(getattr(model, LEGACY_HISTORY_ATTR, None)) or any(
+        r.get("type") == "channels_removed" for r in get_transforms(model))
+
+
 def record_transform_(model: nn.Module, record: Record) -> None:
     """Append one transform record to ``model``'s log (after the transform was applied).
 

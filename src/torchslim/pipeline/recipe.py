@@ -298,7 +298,7 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
     A ``train`` section (a :class:`~torchslim.train.TrainConfig`) lists only the fields the
     recipe gave: its other fields follow rules that depend on where it is used (the short-run
-    schedule, a masked model's 3x rate with ``flat_cosine``), and a field written out would read
+    schedule, a pruned model's 3x rate with ``flat_cosine``), and a field written out would read
     back as given (a resumed run's pruned fine-tune would train at 1x the rate).
     """
     data = recipe.model_dump(mode="json", by_alias=True)

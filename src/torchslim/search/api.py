@@ -43,7 +43,7 @@ from torchslim.errors import ConfigError, TorchSlimError
 from torchslim.search.allocate import lagrangian_plans, pick_spread
 from torchslim.search.budget import Budget, SearchSpace
 from torchslim.search.finalists import best_within_bound, bisect_drop, drop_candidates, finetune_seed, finish_point, \
-    kd_finetune_, recovery_kd, score_on_test  # noqa: F401 (finetune_seed, kd_finetune_ re-exported)
+    kd_finetune_, recovery_finetune, recovery_kd, score_on_test  # noqa: F401 (finetune_seed, kd_finetune_ re-exported)
 from torchslim.search.finetunes import FinetuneStore, finetuned, open_finetune_store
 from torchslim.search.front import Point, pareto_front, size_front, write_json
 from torchslim.search.precision import int8_config, layer_precision, measure_int8, prefer_fp32_twin, \
@@ -452,7 +452,8 @@ def _prepare(model: nn.Module, train: Any, val: Any, budget: Budget, space: Sear
     if not groups:
         raise ConfigError("no channel group of this model can be searched (all excluded, frozen or too small)")
     m = Measurer(copy.deepcopy(model).eval(), groups, space, budget, train.x)
-    trial = trial_finetune if trial_finetune is not None and trial_finetune.epochs > 0 else None
+    # Resolved here so that the settings key (stage-one cache, study) names what the trials train with.
+    trial = recovery_finetune(trial_finetune) if trial_finetune is not None and trial_finetune.epochs > 0 else None
     precision = resolve_precision(space, budget, trials)  # before anything is measured
     packed_axes = resolve_axes(space, budget)
     key = settings_key(model, train, val, budget, space, kd, seed, uniform, trial, trial_samples)

@@ -58,6 +58,18 @@ def recovery_kd() -> Any:
     return DistillConfig(logits=KDConfig(temperature=2.0, alpha=0.5))
 
 
+def recovery_finetune(finetune: Any) -> Any:
+    """The config a search fine-tune trains with: what ``fit`` picks for a pruned model, written out.
+
+    Every fine-tune of a search recovers a compressed model (channels removed, masks, shared
+    weights), so it gets :meth:`~torchslim.TrainConfig.for_pruned_model`'s 3x ``lr`` and
+    ``flat_cosine`` where those were not given, also for a plan ``fit`` would not see as pruned
+    (shared weights only; a Torch-Pruning baseline in the benchmarks). The emitted recipe writes
+    every field of its configs, so its replay trains exactly as the search did. ``None`` stays ``None``.
+    """
+    return finetune.for_pruned_model() if finetune is not None else None
+
+
 def kd_finetune_(model: nn.Module, teacher: nn.Module, train: Any, val: Any, config: Any, *, seed: int,
                  kd: Any = None, stage: str = FINETUNE_ID, cache_dir: Any = None) -> list[dict[str, Any]]:
     """KD fine-tune in place, as the pipeline's ``finetune`` stage with ``teacher`` does (same loss, cache, seed use).

@@ -38,7 +38,8 @@ from torchslim.export.slim_header import _digest
 from torchslim.pipeline.store import Store, content_key
 
 #: Part of every key: a change to how the search fine-tunes must not load older entries.
-FORMAT = 1
+#: 2: fine-tunes of cut models at the pruned-model rate and schedule (``recovery_finetune``).
+FORMAT = 2
 
 
 class FinetuneStore:
@@ -129,10 +130,12 @@ def finetuned(run: Any, plan: dict[str, int], stage: str, train: Any, val: Any, 
 def stored_finetune(run: Any, plan: dict[str, int], stage: str, train: Any, val: Any, config: Any, seed: int, kd: Any,
                     build: Callable[[], nn.Module], extra: dict[str, Any] | None = None) -> nn.Module:
     """The model ``build`` makes, KD fine-tuned from ``run.m``'s dense model: through ``run.finetunes``
-    when the run has one (keyed by ``plan`` and ``extra`` besides the fine-tune's settings)."""
+    when the run has one (keyed by ``plan`` and ``extra`` besides the fine-tune's settings).
+    ``config`` is resolved by :func:`~torchslim.search.finalists.recovery_finetune` first."""
     from torchslim.search import finalists  # noqa: PLC0415 (finalists imports this module)
 
     kd = kd if kd is not None else finalists.recovery_kd()  # keyed as what the fine-tune uses
+    config = finalists.recovery_finetune(config)
     tune = lambda model, cache_dir: finalists.kd_finetune_(model, run.m.dense, train, val, config,  # noqa: E731
                                                            seed=seed, kd=kd, stage=stage, cache_dir=cache_dir)
     store = getattr(run, "finetunes", None)

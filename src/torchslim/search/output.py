@@ -8,8 +8,9 @@ from typing import Any
 import torch.nn as nn
 import yaml
 
+from torchslim.search.finalists import recovery_finetune
 from torchslim.search.front import Point, plot_front, size_front, write_json
-from torchslim.search.packed import packed_finetune, parse_code, pruning_config, share_finetune, sharing_config
+from torchslim.search.packed import parse_code, pruning_config, share_finetune, sharing_config
 from torchslim.search.recipe import _model_ref, recipe_document
 from torchslim.search.space import GroupChoice, dense_plan, plan_config
 
@@ -32,9 +33,9 @@ def chosen_recipe(model: nn.Module, chosen: Point, groups: list[GroupChoice], sp
                   kd: Any, seed: int, recipe_data: dict[str, Any], recipe_model: Any, quantized: Any) -> dict[str, Any]:
     """The v2 recipe that rebuilds the chosen point from the dense model, as the search finished it."""
     packed = None
+    finetune = recovery_finetune(finetune)  # as the search's fine-tunes trained it, every field written
     if chosen.precision == "packed":
         codes = {layer: parse_code(c) for layer, c in chosen.extra["packed"].items()}
-        finetune = packed_finetune(finetune, codes)  # as finish_packed trained it
         tuned = finetune is not None and finetune.epochs > 0
         packed = {"prune": pruning_config(codes), "share": sharing_config(codes),
                   "share_train": share_finetune(finetune) if tuned else None}

@@ -121,17 +121,6 @@ def share_finetune(finetune: Any) -> Any:
     return finetune.model_copy(update={"epochs": max(1, finetune.epochs // 3)})
 
 
-def packed_finetune(finetune: Any, plan: dict[str, Code]) -> Any:
-    """The fine-tune a packed plan gets, with what ``fit`` picks for a masked model written out.
-
-    A plan that prunes fine-tunes a masked model, which ``fit`` trains at a higher rate with
-    ``flat_cosine`` when those fields are not given (:meth:`~torchslim.TrainConfig.for_masked_model`).
-    The recipe writes every field of its configs, so the search resolves them first: the
-    recipe's replay then trains exactly as the search did. ``None`` (no fine-tune) stays ``None``.
-    """
-    return finetune.for_masked_model() if finetune is not None and pruning_config(plan) is not None else finetune
-
-
 def compress_(model: nn.Module, plan: dict[str, Code], *, finalize: bool = True) -> nn.Module:
     """Prune and share ``model``'s layers in place as ``plan`` says (shared layers baked unless told not to)."""
     from torchslim.prune import prune_
@@ -412,12 +401,12 @@ def finish_packed(run: Any, chosen: Point, train: Any, val: Any, finetune: Any, 
     """
     from torchslim.prune import prune_
     from torchslim.quant.sharing import finalize_sharing_, share_weights_
-    from torchslim.search.finalists import finetune_seed
+    from torchslim.search.finalists import finetune_seed, recovery_finetune
     from torchslim.search.finetunes import stored_finetune
     from torchslim.search.recipe import FINETUNE_ID
 
     codes = {layer: parse_code(c) for layer, c in chosen.extra["packed"].items()}
-    finetune = packed_finetune(finetune, codes)
+    finetune = recovery_finetune(finetune)  # written out: the centroids' fine-tune below copies it
     tuned = finetune is not None and finetune.epochs > 0
     p, s = pruning_config(codes), sharing_config(codes)
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from torchslim.core.masks import has_masks
+from torchslim.core.transforms import channels_removed
 from torchslim.errors import ConfigError, TrainingError, TrainingInterrupted
 from torchslim.train.checkpoint import load_checkpoint, model_signature, save_checkpoint
 from torchslim.train.config import FLAT_FRACTION, TrainConfig
@@ -277,8 +278,8 @@ def fit(
             ``checkpoint_path`` is set.
     """
     dist = dist or DistContext.from_env()
-    if has_masks(model):
-        config = config.for_masked_model()  # a fine-tune after pruning: 3x the rate, flat_cosine, unless given
+    if has_masks(model) or channels_removed(model):
+        config = config.for_pruned_model()  # a fine-tune after pruning: 3x the rate, flat_cosine, unless given
     objective = objective or CrossEntropyObjective(config.label_smoothing)
     pass_index = bool(getattr(objective, "uses_index", False))
     begin_step = getattr(objective, "begin_step", None)  # objectives that change along training (DKD warm-up)
