@@ -121,6 +121,32 @@ def test_outputs_written_and_recipe_parses(result):
     assert recipe.stages[0].method.overrides == plan_config(r.groups, r.chosen.plan, SearchSpace()).overrides
 
 
+def test_the_run_records_how_steady_the_timings_were(result):
+    r, out, _ = result
+    timing = json.loads((out / "pareto.json").read_text())["timing"]
+    assert timing == r.timing and timing["dense_comparisons"] >= len([p for p in r.points if p.source != "dense"])
+    assert timing["dense_median_ms"] > 0 and timing["cpus"] >= 1 and isinstance(timing["warnings"], list)
+    assert [w for w in r.summary().splitlines() if w.startswith("warning:")] == [f"warning: {w}" for w in
+                                                                                timing["warnings"]]
+
+
+def test_a_busy_machine_or_a_moving_dense_timing_is_warned_about(model, splits, monkeypatch):
+    import os
+
+    from torchslim.search.sensitivity import Measurer
+
+    m = Measurer(model, [], SearchSpace(), Budget(latency=0.5, threads=1), splits.train.x)
+    m.dense_ms = [10.0] * 10
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    quiet = m.timing_report()
+    assert quiet["dense_spread_p10_p90"] == 0 and quiet["warnings"] == []
+    monkeypatch.setattr(os, "getloadavg", lambda: (quiet["cpus"] + 3.0, 0.0, 0.0))
+    m.dense_ms = [10.0] * 3 + [14.0] * 7  # the same file 40 % slower in most comparisons
+    busy = m.timing_report()
+    assert busy["dense_spread_p10_p90"] == pytest.approx(0.4)
+    assert [w.split(" ")[1] for w in busy["warnings"]] == ["machine", "dense"]
+
+
 def test_cli_parses_budgets():
     from torchslim.cli.main import build_parser
 

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from torchslim.errors import ConfigError, TorchSlimError
 from torchslim.search.allocate import lagrangian_plans, pick_spread
-from torchslim.search.budget import Budget, SearchSpace
+from torchslim.search.budget import Budget, SearchSpace, feasible, violation
 from torchslim.search.finalists import best_within_bound, bisect_drop, drop_candidates, finetune_seed, finish_point, \
     kd_finetune_, recovery_finetune, recovery_kd, score_on_test  # noqa: F401 (finetune_seed, kd_finetune_ re-exported)
 from torchslim.search.finetunes import FinetuneStore, finetuned, open_finetune_store
@@ -87,6 +87,9 @@ class SearchResult:
         quantized: the chosen model's :class:`~torchslim.quant.QuantizedModel` when it is int8, else None.
         size_front: under a size bound, the points no other beats on both accuracy and bytes (smallest
             first; fp32, int8 and packed files alike), shown by ``summary()``; empty otherwise.
+        timing: how steady the machine was while points were timed (load average, the dense model's
+            spread between comparisons) and its ``warnings``, which ``summary()`` shows
+            (:meth:`~torchslim.search.Measurer.timing_report`).
     """
 
     front: list[Point]
@@ -103,6 +106,7 @@ class SearchResult:
     files: dict[str, str] = field(default_factory=dict)
     quantized: Any = None
     size_front: list[Point] = field(default_factory=list)
+    timing: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         """A table of the front, the chosen point marked, and the chosen model's final figures."""
@@ -130,28 +134,8 @@ class SearchResult:
         lines.append(f"latency table vs end-to-end: mean |error| {100 * e['latency_mean_abs']:.1f}% of dense "
                      f"latency (max {100 * e['latency_max_abs']:.1f}%); drop prediction mean |error| "
                      f"{e['drop_mean_abs']:.2f} points")
+        lines += [f"warning: {w}" for w in self.timing.get("warnings", [])]
         return "\n".join(lines)
-
-
-def _feasible(p: Point, budget: Budget, dense: Point) -> bool:
-    if budget.max_drop is not None:
-        return p.drop <= budget.max_drop + 1e-9
-    if budget.latency is not None:
-        return p.latency_ratio <= budget.latency
-    if budget.size_bytes is not None:
-        return p.bytes <= budget.size_bytes
-    return p.macs <= budget.macs * dense.macs
-
-
-def _violation(p: Point, budget: Budget, dense: Point) -> float:
-    """How far a point is outside the budget, relative to the bound (0 inside)."""
-    if budget.max_drop is not None:
-        return max(0.0, p.drop - budget.max_drop)
-    if budget.latency is not None:
-        return max(0.0, p.latency_ratio / budget.latency - 1)
-    if budget.size_bytes is not None:
-        return max(0.0, p.bytes / budget.size_bytes - 1)
-    return max(0.0, p.macs / (budget.macs * dense.macs) - 1)
 
 
 def choose(points: list[Point], budget: Budget, dense: Point) -> Point:
@@ -160,13 +144,13 @@ def choose(points: list[Point], budget: Budget, dense: Point) -> Point:
     Raises:
         InfeasibleBudget: no point meets the budget; the message names the nearest ones.
     """
-    ok = [p for p in points if _feasible(p, budget, dense)]
+    ok = [p for p in points if feasible(p, budget, dense)]
     if ok:
         if budget.max_drop is not None:
             return min(ok, key=lambda p: (p.latency_ratio, -p.accuracy))
         return max(ok, key=lambda p: (p.accuracy, -p.latency_ratio))
     front = pareto_front(points)
-    nearest = sorted(front, key=lambda p: _violation(p, budget, dense))[:3]
+    nearest = sorted(front, key=lambda p: violation(p, budget, dense))[:3]
     rows = "; ".join(f"{100 * p.accuracy:.2f}% ({p.drop:+.2f} points) at {p.latency_ratio:.3f}x dense latency, "
                      f"{p.bytes:,} bytes, {p.macs / max(dense.macs, 1):.3f}x MACs" for p in nearest)
     raise InfeasibleBudget(f"no measured plan meets the budget ({budget.describe()}); the nearest points of the "
@@ -299,7 +283,10 @@ def search(
                                "front": [p.to_dict() for p in front], "trials": trials,
                                "precision": list(run.precision),
                                "accuracy_measured": "after a trial KD fine-tune" if trial is not None else
-                               "after the cut and BatchNorm re-estimation, no fine-tune"}
+                               "after the cut and BatchNorm re-estimation, no fine-tune",
+                               "timing": m.timing_report()}
+    for w in payload["timing"]["warnings"]:
+        say(f"warning: {w}")
     if run.packed_tables:
         payload["packed_tables"] = [t.to_dict() for t in run.packed_tables]
     if budget.size_bytes is not None:  # accuracy against bytes, every point (int8 and packed files included)
@@ -348,7 +335,7 @@ def search(
                                quantized)
     return SearchResult(front, points, chosen, best_model, dense, metrics, tables, error, groups,
                         recipe, time.time() - start, files, quantized,
-                        size_front(points) if budget.size_bytes is not None else [])
+                        size_front(points) if budget.size_bytes is not None else [], payload["timing"])
 
 
 def search_worker(model: nn.Module, train: Any, val: Any, budget: Budget, space: SearchSpace | None = None, *,
@@ -518,7 +505,7 @@ def _stage_one(run: _Run, folder: Path | None, say: Callable[[str], None]) -> tu
         p8 = run.measure_int8(p) if int8 else None
         if p8 is not None:
             points.append(p8)
-        ok = [q for q in points if _feasible(q, budget, dense)]
+        ok = [q for q in points if feasible(q, budget, dense)]
         best = (min(ok, key=lambda q: q.latency_ratio) if budget.max_drop is not None
                 else max(ok, key=lambda q: q.accuracy)) if ok else None
         say(f"[{i}/{len(todo)}] {source:7s} val {100 * p.accuracy:6.2f}% ({p.drop:+.2f} pts, predicted "
@@ -596,4 +583,4 @@ def _finalists(run: _Run, pool: list[Point], points: list[Point], front: list[Po
         return bisect_drop(drop_candidates(front, points, proxy), budget.max_drop, evaluate, k, say)
     if proxy is None or proxy.source == "dense":
         return None, []  # nothing fits, or the dense model itself does
-    return best_within_bound([p for p in pool if _feasible(p, budget, dense)], evaluate, k, say)
+    return best_within_bound([p for p in pool if feasible(p, budget, dense)], evaluate, k, say)

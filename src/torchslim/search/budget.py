@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -160,3 +160,25 @@ class SearchSpace(Config):
             raise ValueError(f"precision must list 'fp32' and/or 'int8' once each (or be None: both when "
                              f"available), got {self.precision}")
         return self
+
+
+def feasible(p: Any, budget: Budget, dense: Any) -> bool:
+    """Whether a measured point (a :class:`~torchslim.search.Point`) meets the budget; ``dense``: the dense point."""
+    if budget.max_drop is not None:
+        return p.drop <= budget.max_drop + 1e-9
+    if budget.latency is not None:
+        return p.latency_ratio <= budget.latency
+    if budget.size_bytes is not None:
+        return p.bytes <= budget.size_bytes
+    return p.macs <= budget.macs * dense.macs
+
+
+def violation(p: Any, budget: Budget, dense: Any) -> float:
+    """How far a point is outside the budget, relative to the bound (0 inside)."""
+    if budget.max_drop is not None:
+        return max(0.0, p.drop - budget.max_drop)
+    if budget.latency is not None:
+        return max(0.0, p.latency_ratio / budget.latency - 1)
+    if budget.size_bytes is not None:
+        return max(0.0, p.bytes / budget.size_bytes - 1)
+    return max(0.0, p.macs / (budget.macs * dense.macs) - 1)

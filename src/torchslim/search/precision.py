@@ -96,6 +96,7 @@ def measure_int8(m: Any, model: nn.Module, twin: Point, config: Any, calib: Any,
     acc = ort_accuracy(q.int8_onnx, val.x, val.y, threads=budget.threads)
     t = compare_ort_latency({"dense": m.dense_file(), "cand": q.int8_onnx}, m.example[:1], budget.batch,
                             threads=budget.threads, budget_s=budget.latency_budget_s)
+    m.dense_ms.append(t["dense"]["median_ms"])
     d = q.describe()
     info = {"calibration_samples": q.calibration_samples, "scheme": d["scheme"], "reduce_range": d["reduce_range"],
             "excluded": list(q.excluded), "fp32_bytes": q.fp32_bytes,

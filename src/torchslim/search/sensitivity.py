@@ -24,6 +24,12 @@ from torchslim.prune.structured import prune_channels
 from torchslim.search.space import GroupChoice, dense_plan, plan_config
 
 
+#: More runnable threads than cores by this much (1-minute load average) is a busy machine for timing.
+BUSY_LOAD_MARGIN = 0.5
+#: The dense model's median moving by more than this share between comparisons is noisy timing.
+DENSE_SPREAD_WARN = 0.25
+
+
 @torch.no_grad()
 def recalibrate_bn_(model: nn.Module, x: torch.Tensor, batches: int, batch_size: int) -> None:
     """Re-estimate every BatchNorm's running statistics on ``batches`` batches of ``x``, in place.
@@ -86,6 +92,7 @@ class Measurer:
     folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="torchslim-search-")))
     _dense_file: bytes | None = None
     _count: int = 0
+    dense_ms: list[float] = field(default_factory=list)  # the dense model's median in every timed comparison
 
     @property
     def example(self) -> torch.Tensor:
@@ -141,8 +148,35 @@ class Measurer:
             finally:
                 torch.set_num_threads(before)
             size = dense_bytes(model)
+        self.dense_ms.append(t["dense"]["median_ms"])
         return {"p50_ms": t["cand"]["median_ms"], "p90_ms": t["cand"]["p90_ms"],
                 "ratio": t["cand"]["median_ms"] / t["dense"]["median_ms"], "bytes": size}
+
+    def timing_report(self) -> dict[str, Any]:
+        """How steady the machine was while points were timed, with warnings a user should read.
+
+        Ratios are timed in alternation with the dense model, so steady load from other processes
+        cancels out; bursts and oversubscribed cores do not. Two signs are checked: the 1-minute
+        load average against the cores this process may use (more runnable threads than cores
+        means the timed runs shared cores), and how far the dense model's own median moved
+        between comparisons (the same file every time: the 10th to the 90th percentile).
+        """
+        ms = sorted(self.dense_ms)
+        spread = ms[round(0.9 * (len(ms) - 1))] / ms[round(0.1 * (len(ms) - 1))] - 1 if len(ms) >= 5 else None
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        warnings = []
+        if load is not None and load > cpus + BUSY_LOAD_MARGIN:
+            warnings.append(f"the machine was busy while points were timed (load average {load:.1f} on {cpus} "
+                            f"cores, {self.budget.threads} timing thread(s)): latency ratios may be off by more "
+                            "than usual; for figures to rely on, search again on a quiet machine")
+        if spread is not None and spread > DENSE_SPREAD_WARN:
+            warnings.append(f"the dense model's median latency moved by {100 * spread:.0f}% between comparisons "
+                            f"(10th to 90th percentile of {len(ms)}): other work competed for the cores; points "
+                            "whose latency ratios differ by less than that may be ranked by noise")
+        return {"load_average_1m": load, "cpus": cpus, "threads": self.budget.threads, "dense_comparisons": len(ms),
+                "dense_median_ms": ms[len(ms) // 2] if ms else None, "dense_spread_p10_p90": spread,
+                "warnings": warnings}
 
     def macs(self, model: nn.Module) -> int:
         """Multiply-accumulates per sample."""
