@@ -330,9 +330,8 @@ def packed_twin(run: Any, model: nn.Module, point: Point) -> Point | None:
     sizes = {g.label: g.size for g in run.groups}
     table = min(run.packed_tables, key=lambda t: sum(abs(t.plan.get(g, n) - point.plan.get(g, n)) / n
                                                      for g, n in sizes.items()))
-    base = _base_model(run, table.plan, recalibrate=False)
-    scale = {name: model.get_submodule(name).weight.numel() / max(base.get_submodule(name).weight.numel(), 1)
-             for name in table.drop}
+    base = _base_weight_counts(run, table)
+    scale = {name: model.get_submodule(name).weight.numel() / max(base[name], 1) for name in table.drop}
     scaled = PackedTables(table.base, dict(point.plan), table.file_bytes, table.drop,
                           {g: {k: int(round(v * scale[g])) for k, v in d.items()} for g, d in table.bytes.items()},
                           table.base_drop)
@@ -340,6 +339,16 @@ def packed_twin(run: Any, model: nn.Module, point: Point) -> Point | None:
     scaled.file_bytes += sum(scaled.bytes[g][untouched] - table.bytes[g][untouched] for g in table.drop)
     codes = knapsack_codes(scaled, code_choices(*run.packed_axes), int(BOUND_TARGETS[0] * run.budget.size_bytes))
     return None if codes is None else measure_packed(run, point.plan, "trial", codes, scaled, model)
+
+
+def _base_weight_counts(run: Any, table: PackedTables) -> dict[str, int]:
+    """Each table layer's weight count in the table's base model (built once per base and run, then kept)."""
+    cache = run.__dict__.setdefault("_packed_base_counts", {})
+    key = tuple(sorted(table.plan.items()))
+    if key not in cache:
+        base = _base_model(run, table.plan, recalibrate=False)
+        cache[key] = {name: base.get_submodule(name).weight.numel() for name in table.drop}
+    return cache[key]
 
 
 def _base_model(run: Any, plan: dict[str, int], *, recalibrate: bool = True) -> nn.Module:
