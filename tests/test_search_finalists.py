@@ -72,6 +72,15 @@ def test_bisection_finds_the_fastest_candidate_within_the_drop_in_log_probes():
     assert tried[0].record()["val_drop"] == 0.45 and tried[0].record()["proxy_drop"] == 5.0
 
 
+def test_once_both_sides_are_probed_the_next_probe_is_where_the_measured_drops_cross_the_budget():
+    # The first probe lands just outside the drop: a bisection would spend its last probe halfway
+    # back (0.35x); the line through the two measured drops points at the crossing (0.3x).
+    recovered = {0.1: 5.0, 0.15: 3.0, 0.2: 1.5, 0.234: 0.9, 0.26: 0.55, 0.3: 0.3, 0.35: 0.1, 0.442: 0.0, 0.514: -0.14}
+    calls: list[float] = []
+    best, tried = bisect_drop([_p(r, 5.0) for r in recovered], 0.5, _fake(recovered, calls), 3, lambda s: None)
+    assert calls == [0.26, 0.442, 0.3] and best is not None and best.point.latency_ratio == 0.3
+
+
 def test_bisection_stops_at_k_probes_and_reports_none_when_nothing_recovers():
     calls: list[float] = []
     recovered = {r: 2.0 for r in (0.1, 0.2, 0.3, 0.4, 0.5)}

@@ -220,8 +220,9 @@ def search(
             the whole study: a search resumed on the same ``out`` (or storage) runs only the
             trials it still lacks, and other processes (:func:`search_worker`) may run some.
         finalists: how many front points get the full ``finetune`` before the choice
-            (:mod:`~torchslim.search.finalists`): under ``max_drop`` a bisection, by measured
-            latency, over the front's points faster than the proxy's choice, and the fastest
+            (:mod:`~torchslim.search.finalists`): under ``max_drop`` a bracketing search, by
+            measured latency, over the front's points faster than the proxy's choice (the middle
+            first, then where the measured drops cross the budget), and the fastest
             within the drop on validation after the full fine-tune wins; under a bound, the
             ``finalists`` most accurate feasible points, and the best after the fine-tune wins.
             0 (or no ``finetune``): the front's proxy accuracy decides alone.

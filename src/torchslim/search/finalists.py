@@ -199,23 +199,38 @@ def bisect_drop(candidates: list[Point], max_drop: float, evaluate: Evaluate, k:
     """The fastest candidate within ``max_drop`` after the full fine-tune, found with at most ``k`` probes.
 
     ``candidates`` are fastest first; the fine-tuned accuracy is taken to rise with latency, so
-    the feasible candidates are a suffix and a bisection finds where it starts.
+    the feasible candidates are a suffix, and a bracketing search finds where it starts. The first
+    probe is the middle one; once a probe on each side of the drop is known, the next is where
+    the straight line between their measured (latency, drop) crosses ``max_drop`` (regula falsi),
+    not the middle: with few probes a bisection stops far from the crossing when one probe lands
+    just outside the drop. The drop falls faster with latency near the fast end, so the line
+    crosses on the feasible side of the true crossing, and the probe there is likely to be feasible.
 
     Returns:
         The winner (None when no probe met the drop) and every probe, in the order run.
     """
     lo, hi, best = 0, len(candidates), None
+    below: Finalist | None = None  # the slowest probe found outside the drop so far
     tried: list[Finalist] = []
     while lo < hi and len(tried) < k:
-        mid = (lo + hi) // 2
+        mid = (lo + hi) // 2 if best is None or below is None else _crossing(candidates, lo, hi, below, best, max_drop)
         f = _probe(candidates[mid], evaluate, say, len(tried) + 1, k)
         f.feasible = f.metrics["val_drop"] <= max_drop + 1e-9
         tried.append(f)
         if f.feasible:
             best, hi = f, mid
         else:
-            lo = mid + 1
+            below, lo = f, mid + 1
     return best, tried
+
+
+def _crossing(candidates: list[Point], lo: int, hi: int, out: Finalist, ok: Finalist, max_drop: float) -> int:
+    """The index in ``[lo, hi)`` of the first candidate at or above the latency where the line through the
+    probes ``out`` (outside the drop) and ``ok`` (within it) crosses ``max_drop``."""
+    (t0, d0), (t1, d1) = [(f.point.latency_ratio, f.metrics["val_drop"]) for f in (out, ok)]
+    share = (d0 - max_drop) / (d0 - d1) if d0 > d1 else 0.5
+    target = t0 + share * (t1 - t0)
+    return next((i for i in range(lo, hi) if candidates[i].latency_ratio >= target), hi - 1)
 
 
 def best_within_bound(feasible: list[Point], evaluate: Evaluate, k: int,
