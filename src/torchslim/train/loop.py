@@ -230,9 +230,9 @@ def fit(
     Args:
         model: the model to train (already on ``device``).
         train: training split (``x``, ``y`` tensors, kept in memory).
-        config: optimizer, schedule, epochs and batch size (a model carrying pruning masks
-            trains at 3x ``lr`` with ``flat_cosine`` where those were not given: see
-            :meth:`TrainConfig.for_masked_model`).
+        config: optimizer, schedule, epochs and batch size (a pruned model, one carrying pruning
+            masks or with channels removed, trains at 3x ``lr`` with ``flat_cosine`` where those
+            were not given: see :meth:`TrainConfig.for_pruned_model`).
         val: split evaluated after every epoch (optional).
         objective: computes logits and loss parts; default cross-entropy. One with
             ``uses_index = True`` also gets ``index=`` (the batch's rows in ``train``).
