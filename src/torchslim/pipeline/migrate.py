@@ -47,7 +47,7 @@ def _validate_v1(doc: dict[str, Any], source: str) -> RecipeV1:
 
 def _train(config: Any) -> dict[str, Any]:
     """A v1 ``train`` section as written: only the fields the recipe gave, so the v2 stage applies the
-    same "not given" rules (the short-run schedule, a masked model's fine-tune rate) as a v2 recipe."""
+    same "not given" rules (the short-run schedule, a pruned model's fine-tune rate) as a v2 recipe."""
     return config.model_dump(mode="json", exclude_unset=True)
 
 
