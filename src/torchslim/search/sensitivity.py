@@ -172,8 +172,9 @@ class Measurer:
                             "than usual; for figures to rely on, search again on a quiet machine")
         if spread is not None and spread > DENSE_SPREAD_WARN:
             warnings.append(f"the dense model's median latency moved by {100 * spread:.0f}% between comparisons "
-                            f"(10th to 90th percentile of {len(ms)}): other work competed for the cores; points "
-                            "whose latency ratios differ by less than that may be ranked by noise")
+                            f"(10th to 90th percentile of {len(ms)}): the machine's speed changed while points were "
+                            "timed (other work on the cores); alternated timing cancels slow changes, not bursts "
+                            "within one comparison, so re-measure close points on a quiet machine")
         return {"load_average_1m": load, "cpus": cpus, "threads": self.budget.threads, "dense_comparisons": len(ms),
                 "dense_median_ms": ms[len(ms) // 2] if ms else None, "dense_spread_p10_p90": spread,
                 "warnings": warnings}
