@@ -45,6 +45,15 @@ def test_candidates_are_the_front_faster_than_the_proxy_choice_fastest_first():
     assert [c.latency_ratio for c in drop_candidates([dense, proxy, *fast], [dense], None)] == [0.2, 0.3, 0.45, 0.6]
 
 
+def test_a_point_the_proxy_puts_within_its_noise_of_the_front_is_a_candidate_too():
+    fast, slow = _p(0.234, 2.82), _p(0.339, 1.68)
+    near, far = _p(0.296, 2.90), _p(0.266, 3.60)  # 0.08 and 0.78 proxy points behind the 0.234x plan
+    cands = drop_candidates([fast, slow], [fast, slow, near, far], None)
+    assert [c.latency_ratio for c in cands] == [0.234, 0.296, 0.339]
+    assert [c.latency_ratio for c in drop_candidates([fast, slow], [fast, slow, near, far], None, margin=0.0)] == \
+        [0.234, 0.339]
+
+
 def test_an_int8_candidate_within_noise_of_its_fp32_twin_gives_way_to_it():
     twin = _p(0.50, 2.0, plan={"g": 3})
     q8 = _p(0.49, 2.1, precision="int8", plan={"g": 3})  # 2 % faster: timing noise
