@@ -88,6 +88,12 @@ def test_once_both_sides_are_probed_the_next_probe_is_where_the_measured_drops_c
     calls: list[float] = []
     best, tried = bisect_drop([_p(r, 5.0) for r in recovered], 0.5, _fake(recovered, calls), 3, lambda s: None)
     assert calls == [0.26, 0.442, 0.3] and best is not None and best.point.latency_ratio == 0.3
+    # Few candidates between the probes: the nearest to the crossing (0.53x), not the first above it.
+    recovered = {0.05: 9.0, 0.1: 6.0, 0.2: 3.0, 0.3: 1.5, 0.434: 0.68, 0.474: 0.16, 0.804: -0.2, 0.893: -0.18,
+                 0.95: -0.2}
+    calls = []
+    best, _ = bisect_drop([_p(r, 5.0) for r in recovered], 0.5, _fake(recovered, calls), 3, lambda s: None)
+    assert calls == [0.434, 0.893, 0.474] and best is not None and best.point.latency_ratio == 0.474
 
 
 def test_bisection_stops_at_k_probes_and_reports_none_when_nothing_recovers():
