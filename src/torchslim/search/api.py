@@ -222,8 +222,8 @@ def search(
         finalists: how many front points get the full ``finetune`` before the choice
             (:mod:`~torchslim.search.finalists`): under ``max_drop`` a bracketing search, by
             measured latency, over the points faster than the proxy's choice on the front or within
-            ``PROXY_NOISE`` (0.5) proxy points of it (the middle
-            first, then where the measured drops cross the budget), and the fastest
+            ``PROXY_NOISE`` (0.5) proxy points of it (the middle first, then where the measured
+            drops cross the budget), and the fastest
             within the drop on validation after the full fine-tune wins; under a bound, the
             ``finalists`` most accurate feasible points, and the best after the fine-tune wins.
             0 (or no ``finetune``): the front's proxy accuracy decides alone.

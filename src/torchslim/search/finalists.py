@@ -215,11 +215,11 @@ def bisect_drop(candidates: list[Point], max_drop: float, evaluate: Evaluate, k:
 
     ``candidates`` are fastest first; the fine-tuned accuracy is taken to rise with latency, so
     the feasible candidates are a suffix, and a bracketing search finds where it starts. The first
-    probe is the middle one; once a probe on each side of the drop is known, the next is where
-    the straight line between their measured (latency, drop) crosses ``max_drop`` (regula falsi;
-    the candidate nearest that latency), not the middle: with few probes a bisection stops far from the crossing when one probe lands
-    just outside the drop. The drop falls faster with latency near the fast end, so the line
-    crosses on the feasible side of the true crossing, and the probe there is likely to be feasible.
+    probe is the middle one; once a probe on each side of the drop is known, the next is the
+    candidate nearest to where the straight line between their measured (latency, drop) crosses
+    ``max_drop`` (regula falsi), not the middle: with few probes a bisection stops far from the
+    crossing when one probe lands just outside the drop. The drop falls faster with latency near
+    the fast end, so the line tends to cross on the feasible side of the true crossing.
 
     Returns:
         The winner (None when no probe met the drop) and every probe, in the order run.
